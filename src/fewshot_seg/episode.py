@@ -1,0 +1,95 @@
+"""The batch contract shared by every episode DataModule and both LightningModules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = 255
+"""Label value that is never scored nor used as a target (object boundaries, padding, novel classes)."""
+
+# ImageNet statistics on the 0-255 scale (SPEC §2): images are RGB, normalised with these.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class EpisodeBatch:
+    """A batch of B few-shot episodes with K supports each, all at the model's input size H x W.
+
+    Attributes:
+        query_image: ``[B, 3, H, W]`` float32, RGB normalised with ``PIXEL_MEAN`` / ``PIXEL_STD``.
+        query_mask: ``[B, H, W]`` int64 in {0, 1, 255}: 1 = the episode class, 255 = ignore.
+        support_images: ``[B, K, 3, H, W]`` float32, normalised like the query.
+        support_masks: ``[B, K, H, W]`` int64 in {0, 1, 255}.
+        class_id: ``[B]`` int64, global 1-based class id of the episode class.
+        query_semantic: ``[B, H, W]`` int64, the query's semantic label for stage-1 targets:
+            0 = background, 1..C = global class ids, 255 = ignore; novel classes of the fold are 255.
+        query_valid_size: ``[B, 2]`` int64 (h, w): the extent of real image content inside the
+            (possibly padded) ``H x W`` query tensor, top-left aligned. Predictions are cropped to it
+            before being resized to the original label size.
+        query_label_orig: B tensors ``[h_i, w_i]`` int64 in {0, 1, 255}: the binary query label at
+            the original image size, untouched by any transform (scoring, SPEC §6).
+        query_id: B image ids of the queries.
+        support_ids: B lists of K image ids of the supports.
+    """
+
+    query_image: Tensor
+    query_mask: Tensor
+    support_images: Tensor
+    support_masks: Tensor
+    class_id: Tensor
+    query_semantic: Tensor
+    query_valid_size: Tensor
+    query_label_orig: list[Tensor] = field(default_factory=list)
+    query_id: list[str] = field(default_factory=list)
+    support_ids: list[list[str]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.query_image.shape[0])
+
+    @property
+    def shot(self) -> int:
+        return int(self.support_images.shape[1])
+
+    @property
+    def original_sizes(self) -> list[tuple[int, int]]:
+        """(h, w) of each query's original label."""
+        return [(int(t.shape[0]), int(t.shape[1])) for t in self.query_label_orig]
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        """A copy with every tensor moved to ``device``."""
+        return EpisodeBatch(
+            query_image=self.query_image.to(device),
+            query_mask=self.query_mask.to(device),
+            support_images=self.support_images.to(device),
+            support_masks=self.support_masks.to(device),
+            class_id=self.class_id.to(device),
+            query_semantic=self.query_semantic.to(device),
+            query_valid_size=self.query_valid_size.to(device),
+            query_label_orig=[t.to(device) for t in self.query_label_orig],
+            query_id=list(self.query_id),
+            support_ids=[list(s) for s in self.support_ids],
+        )
+
+
+def collate_episodes(samples: Sequence[dict]) -> EpisodeBatch:
+    """Stack per-episode dicts (keys = the ``EpisodeBatch`` fields, without the batch dimension)."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of episodes")
+    return EpisodeBatch(
+        query_image=torch.stack([s["query_image"] for s in samples]),
+        query_mask=torch.stack([s["query_mask"] for s in samples]).long(),
+        support_images=torch.stack([s["support_images"] for s in samples]),
+        support_masks=torch.stack([s["support_masks"] for s in samples]).long(),
+        class_id=torch.as_tensor([int(s["class_id"]) for s in samples], dtype=torch.long),
+        query_semantic=torch.stack([s["query_semantic"] for s in samples]).long(),
+        query_valid_size=torch.stack([torch.as_tensor(s["query_valid_size"]) for s in samples]).long(),
+        query_label_orig=[torch.as_tensor(s["query_label_orig"]).long() for s in samples],
+        query_id=[str(s["query_id"]) for s in samples],
+        support_ids=[[str(i) for i in s["support_ids"]] for s in samples],
+    )

@@ -1,0 +1,165 @@
+"""torchvision ResNet backbone returning res2..res5 (strides 4..32, no dilation)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+SIZE_DIVISIBILITY = 32
+
+_ARCHS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights, 1),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights, 1),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights, 4),
+    "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights, 4),
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` (eps 1e-5 as torchvision).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # BatchNorm2d checkpoints carry a step counter that has no meaning here.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet trunk with torchvision parameter names (``conv1``, ``bn1``, ``layer1..4``).
+
+    Forward: normalised images ``[B, 3, H, W]`` are zero-padded bottom/right to a multiple of 32; returns
+    ``{"res2": [B, C2, Hp/4, Wp/4], "res3": ... /8, "res4": ... /16, "res5": [B, C5, Hp/32, Wp/32]}`` of the
+    padded image (Hp, Wp = padded size).
+    """
+
+    def __init__(self, resnet: torchvision.models.ResNet, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        expansion = _ARCHS[name][2]
+        self.out_channels: dict[str, int] = {
+            "res2": 64 * expansion,
+            "res3": 128 * expansion,
+            "res4": 256 * expansion,
+            "res5": 512 * expansion,
+        }
+        self.out_strides: dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+    def freeze(self) -> ResNetBackbone:
+        """No gradients and eval mode (SPEC: the backbone is frozen). Returns self."""
+        self.requires_grad_(False)
+        return self.eval()
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        h, w = images.shape[-2:]
+        pad_h = (-h) % SIZE_DIVISIBILITY
+        pad_w = (-w) % SIZE_DIVISIBILITY
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), value=0.0)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        res2 = self.layer1(x)
+        res3 = self.layer2(res2)
+        res4 = self.layer3(res3)
+        res5 = self.layer4(res4)
+        return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
+
+
+def imagenet_weights_path(name: str) -> Path:
+    """Where torchvision's weights API caches the IMAGENET1K_V1 file of ``name``."""
+    url = _ARCHS[name][1].IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
+    weights = _ARCHS[name][1].IMAGENET1K_V1
+    path = imagenet_weights_path(name)
+    try:
+        # Uses the torch hub cache when the file is there, otherwise tries to download it.
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"ImageNet weights for {name} are not available and could not be downloaded ({exc}). "
+            f"Place the file {path.name} (from {weights.url}) at {path} "
+            "(the torch hub checkpoints directory; set TORCH_HOME to move it), "
+            "or pass weights=<local path>."
+        ) from exc
+
+
+def _load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def build_backbone(
+    name: str = "resnet50", weights: str | None = "imagenet", frozen_bn: bool = True
+) -> ResNetBackbone:
+    """Build a torchvision ResNet trunk returning res2..res5.
+
+    Args:
+        name: resnet18 / resnet34 / resnet50 / resnet101.
+        weights: ``"imagenet"`` (torchvision IMAGENET1K_V1 via its weights API and cache), a local file
+            (torchvision state dict, or a detectron2-style dict with ``backbone.*`` / ``stem.*`` names,
+            possibly wrapped in ``{"model": ...}``), or None (random init).
+        frozen_bn: use :class:`FrozenBatchNorm2d` instead of BatchNorm2d.
+    """
+    if name not in _ARCHS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(_ARCHS)}")
+    ctor = _ARCHS[name][0]
+    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    backbone = ResNetBackbone(ctor(weights=None, norm_layer=norm_layer), name)
+    if weights is None:
+        return backbone
+    if weights == "imagenet":
+        state = _imagenet_state_dict(name)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        backbone.load_state_dict(state, strict=True)
+        return backbone
+    from fewshot_seg.models.convert import load_reference_module  # local import: convert imports us
+
+    state = _load_weights_file(weights)
+    if any(k.startswith("backbone.") for k in state):  # a whole detectron2-style model: keep its trunk
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    load_reference_module(backbone, state, "backbone")
+    return backbone

@@ -11,6 +11,12 @@ SHOT ?= 1
 DATASET ?= synthetic
 DATA_ROOT ?=
 RUN_DIR ?= runs/$(DATASET)/fold$(FOLD)
+DATAMODULE_synthetic := SyntheticDataModule
+DATAMODULE_pascal := Pascal5iDataModule
+DATAMODULE_coco := Coco20iDataModule
+DEFAULT_ROOT_synthetic := data/synthetic
+DEFAULT_ROOT_pascal := data/VOCdevkit/VOC2012
+DEFAULT_ROOT_coco := data/coco
 
 .PHONY: help
 help: ## List the targets and their variables
@@ -38,3 +44,22 @@ test-slow: ## Run only the slow tests (multi-process, longer training)
 .PHONY: lint
 lint: ## ruff check
 	$(VENV)/bin/ruff check .
+
+.PHONY: train-fold
+train-fold: ## Stage 1 -> stage 2 -> test on one fold; prints the table, last line = results.json
+	$(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --run-dir $(RUN_DIR) $(if $(ARGS),-- $(ARGS))
+
+.PHONY: episodes
+episodes: ## Render a PNG grid of a few episodes (DATASET, DATA_ROOT) to $(RUN_DIR)/episodes.png
+	$(PY) -m datamodules.visualize --datamodule $(DATAMODULE_$(DATASET)) \
+		--root $(or $(DATA_ROOT),$(DEFAULT_ROOT_$(DATASET))) --fold $(FOLD) --shot $(SHOT) --out $(RUN_DIR)/episodes.png
+
+.PHONY: aggregate
+aggregate: ## Gather the 4 folds' results.json under runs/$(DATASET) into one Markdown + CSV table
+	$(PY) -m fewshot_seg.tools.aggregate runs/$(DATASET) -o runs/$(DATASET)/summary
+
+.PHONY: benchmark
+benchmark: ## Data throughput and model speed tables on this machine
+	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/model_speed.py

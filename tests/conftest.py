@@ -9,8 +9,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One intra-op thread keeps numerics reproducible (the golden vectors were recorded single-threaded)
 # and avoids oversubscription when DataLoader workers run beside the main process.

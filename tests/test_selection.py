@@ -60,3 +60,14 @@ def test_upsample_crop_and_top_cosine() -> None:
     assert torch.equal(
         top_cosine_select(torch.tensor([[0.1, 0.9, -1.0], [0.5, 0.2, 0.7]])), torch.tensor([1, 2])
     )
+
+
+def test_proposal_soft_iou_runs_under_inference_mode() -> None:
+    # Lightning evaluates under inference_mode by default: the IoU must not rely on autograd.
+    probs = torch.rand(2, 5, 9, 13)
+    label = torch.randint(0, 2, (2, 33, 50))
+    label[0, :3] = 255
+    with torch.inference_mode():
+        fast = proposal_soft_iou(probs, label)
+    slow = soft_iou(upsample_to_image(probs, (33, 50)), label)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)

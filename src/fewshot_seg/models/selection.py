@@ -49,14 +49,25 @@ def soft_iou(proposal_probs: Tensor, label: Tensor) -> Tensor:
     return inter / (union + SOFT_IOU_EPS)
 
 
+def _upsample_matrix(size: int, stride: int, keep: int, device: torch.device) -> Tensor:
+    """``[size, keep]`` matrix A^T of 1-D linear upsampling by ``stride`` (align_corners=False), cropped.
+
+    Row ``i`` is the upsampled unit impulse at ``i``; PyTorch's bilinear resize is separable, so a 2-D
+    upsample-and-crop is ``A_h p A_w^T`` with these matrices.
+    """
+    eye = torch.eye(size, device=device)[None]  # [1, size, size]: channel i = impulse at i
+    up = F.interpolate(eye, size=size * stride, mode="linear", align_corners=False)[0]
+    return up[:, :keep]
+
+
 @torch.no_grad()
 def proposal_soft_iou(proposals: Tensor, label: Tensor, stride: int = 4) -> Tensor:
     """``soft_iou(upsample_to_image(proposals), label)`` without materialising the upsampled stack.
 
-    Upsample-and-crop is a linear map U, so ``sum(t * U p) = sum(U^T t * p)`` and
-    ``sum(U p) = sum(U^T 1 * p)``: only two low-resolution maps per image are needed instead of N
-    full-resolution ones (100 x 480 x 480 per image at the paper's size). U^T is applied as the
-    gradient of U. No gradient flows (the IoU is only used to pick proposals).
+    Upsample-and-crop is a linear map ``U p = A_h p A_w^T``, so ``sum(t * U p) = sum(A_h^T t A_w * p)``
+    and ``sum(U p) = sum(A_h^T 1 A_w * p)``: two low-resolution maps per image instead of N
+    full-resolution ones (100 x 480 x 480 per image at the paper's size). Plain tensor algebra, so it
+    also runs under ``torch.inference_mode``.
 
     Args:
         proposals: ``[B, N, h, w]`` probabilities on the padded stride-``stride`` grid.
@@ -65,13 +76,13 @@ def proposal_soft_iou(proposals: Tensor, label: Tensor, stride: int = 4) -> Tens
     Returns:
         ``[B, N]`` soft IoUs.
     """
-    b, _, h, w = proposals.shape
-    image_size = (label.shape[-2], label.shape[-1])
+    h, w = proposals.shape[-2:]
+    big_h, big_w = label.shape[-2], label.shape[-1]
     t = binary_target(label)
-    with torch.enable_grad(), torch.autocast(device_type=proposals.device.type, enabled=False):
-        probe = torch.zeros(b, 2, h, w, device=proposals.device, requires_grad=True)
-        up = upsample_to_image(probe, image_size, stride)
-        (adj,) = torch.autograd.grad(up, probe, grad_outputs=torch.stack([t, torch.ones_like(t)], 1))
+    a_h = _upsample_matrix(h, stride, big_h, label.device)  # [h, H]
+    a_w = _upsample_matrix(w, stride, big_w, label.device)  # [w, W]
+    both = torch.stack([t, torch.ones_like(t)], 1)  # [B, 2, H, W]
+    adj = torch.einsum("ih,bkhw,jw->bkij", a_h, both, a_w)  # [B, 2, h, w]
     p = proposals.float()
     inter = torch.einsum("bnhw,bhw->bn", p, adj[:, 0])
     sum_p = torch.einsum("bnhw,bhw->bn", p, adj[:, 1])

@@ -1,0 +1,212 @@
+"""The LightningDataModule shared by the dataset-specific ones: folds, pools, lists, loaders."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from functools import cached_property
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from fewshot_seg.episode import collate_episodes
+
+from .episodes import (
+    EpochSampler,
+    ListEpisodeDataset,
+    TrainEpisodeDataset,
+    episode_list_path,
+    load_or_make_episode_list,
+    pools_fingerprint,
+)
+from .errors import DatasetError
+from .source import SegmentationSource, build_pools, check_pools
+from .transforms import Protocol, TestTransform, TrainAugment, default_support_min_pixels
+
+
+class EpisodeDataModule(pl.LightningDataModule):
+    """Few-shot episodes from a dataset split into folds of novel classes (SPEC §5).
+
+    Subclasses say where images and labels are (:meth:`make_source`) and which classes are novel
+    in a fold (:meth:`fold_novel_classes`); sampling, transforms, caching and loaders live here.
+    """
+
+    name: str = "episodes"
+    num_classes: int = 0
+    num_folds: int = 4
+    class_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        root: str,
+        fold: int = 0,
+        shot: int = 1,
+        image_size: int = 480,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        test_episodes: int = 1000,
+        val_episodes: int = 1000,
+        seed: int = 0,
+        test_seed: int = 321,
+        val_seed: int = 123,
+        protocol: Protocol = "original",
+        train_scales: list[int] | None = None,
+        train_episodes: int | None = None,
+        support_min_pixels: int | None = None,
+        pool_min_pixels: int = 2048,
+        max_shot: int = 5,
+        cache_dir: str | None = None,
+        episode_list_dir: str | None = None,
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= fold < self.num_folds:
+            raise DatasetError(f"fold must be in 0..{self.num_folds - 1}, got {fold}")
+        if not 1 <= shot <= max_shot:
+            raise DatasetError(
+                f"shot must be in 1..max_shot={max_shot}, got {shot} (raise max_shot for more)"
+            )
+        if image_size < 8:
+            raise DatasetError(f"image_size must be at least 8, got {image_size}")
+        if protocol not in ("original", "square480"):
+            raise DatasetError(f"protocol must be 'original' or 'square480', got {protocol!r}")
+        self.root = Path(root)
+        self.fold = fold
+        self.shot = shot
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.test_episodes = test_episodes
+        self.val_episodes = val_episodes
+        self.seed = seed
+        self.test_seed = test_seed
+        self.val_seed = val_seed
+        self.protocol = protocol
+        self.train_scales = train_scales
+        self.train_episodes = train_episodes
+        self.support_min_pixels = (
+            support_min_pixels if support_min_pixels is not None else default_support_min_pixels(image_size)
+        )
+        self.pool_min_pixels = pool_min_pixels
+        self.max_shot = max_shot
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / "fewshot_cache"
+        self.episode_list_dir = Path(episode_list_dir) if episode_list_dir else self.cache_dir / "episodes"
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.pin_memory = pin_memory
+
+    # ---- what a dataset defines -------------------------------------------------------------
+    @abstractmethod
+    def fold_novel_classes(self, fold: int) -> list[int]:
+        """Sorted 1-based novel class ids of ``fold``."""
+
+    @abstractmethod
+    def make_source(self, split: str) -> SegmentationSource:
+        """The images and labels of ``split``: "train" (training images) or "test" (test images)."""
+
+    # ---- classes ---------------------------------------------------------------------------------
+    @property
+    def novel_classes(self) -> list[int]:
+        return sorted(self.fold_novel_classes(self.fold))
+
+    @property
+    def base_classes(self) -> list[int]:
+        novel = set(self.novel_classes)
+        return [c for c in range(1, self.num_classes + 1) if c not in novel]
+
+    def class_name(self, c: int) -> str:
+        return self.class_names[c - 1] if 0 < c <= len(self.class_names) else str(c)
+
+    # ---- sources, pools --------------------------------------------------------------------------
+    @cached_property
+    def _sources(self) -> dict[str, SegmentationSource]:
+        return {}
+
+    def source(self, split: str) -> SegmentationSource:
+        if split not in self._sources:
+            self._sources[split] = self.make_source(split)
+        return self._sources[split]
+
+    def pools(self, split: str, classes: list[int]) -> dict[int, list[str]]:
+        """Class pools of ``split`` by the pixel rule, from cached per-image class counts."""
+        src = self.source(split)
+        counts = src.class_counts(
+            self.cache_dir / f"{self.name}_{split}_class_counts.json", f"{self.name} {split}"
+        )
+        return build_pools(counts, classes, self.pool_min_pixels)
+
+    def _names(self) -> dict[int, str]:
+        return {i + 1: n for i, n in enumerate(self.class_names)}
+
+    # ---- datasets ------------------------------------------------------------------------------
+    def train_dataset(self) -> TrainEpisodeDataset:
+        pools = self.pools("train", self.base_classes)
+        check_pools(pools, self.shot, f"{self.name} fold {self.fold} training", self._names())
+        return TrainEpisodeDataset(
+            self.source("train"),
+            pools,
+            self.novel_classes,
+            self.shot,
+            TrainAugment(self.image_size, self.train_scales),
+            self.support_min_pixels,
+            self.seed,
+            self.train_episodes,
+        )
+
+    def episode_list(self, split: str) -> list[tuple[str, int, list[str]]]:
+        """The saved "test" or "val" list of novel-class episodes on the test images (drawn once)."""
+        num, seed = (
+            (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
+        )
+        pools = self.pools("test", self.novel_classes)
+        check_pools(pools, self.shot, f"{self.name} fold {self.fold} test", self._names())
+        path = episode_list_path(self.episode_list_dir, self.name, self.fold, split, num, seed, self.max_shot)
+        return load_or_make_episode_list(path, pools, num, self.max_shot, seed, pools_fingerprint(pools))
+
+    def eval_dataset(self, split: str) -> ListEpisodeDataset:
+        return ListEpisodeDataset(
+            self.source("test"),
+            self.episode_list(split),
+            self.shot,
+            self.novel_classes,
+            TestTransform(self.image_size, self.protocol),
+        )
+
+    # ---- Lightning hooks -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._train = self.train_dataset()
+        if stage in (None, "fit", "validate"):
+            self._val = self.eval_dataset("val")
+        if stage in (None, "test", "predict"):
+            self._test = self.eval_dataset("test")
+
+    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_episodes,
+            pin_memory=self.pin_memory,
+            drop_last=drop_last,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not hasattr(self, "_train"):
+            self.setup("fit")
+        return self._loader(
+            self._train, self.batch_size, sampler=EpochSampler(len(self._train)), drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if not hasattr(self, "_val"):
+            self.setup("validate")
+        return self._loader(self._val, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        if not hasattr(self, "_test"):
+            self.setup("test")
+        return self._loader(self._test, self.eval_batch_size)

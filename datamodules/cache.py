@@ -1,0 +1,53 @@
+"""Atomic JSON writes and file fingerprints used to invalidate caches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so readers only ever see a complete file.
+
+    The data goes to a temporary file in the same directory (same file system, so the final
+    ``os.replace`` is atomic even if several processes race to build the same cache).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The parsed JSON at ``path``, or None when it is missing or unreadable (a stale cache)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint_files(paths: Iterable[str | os.PathLike], extra: Any = None) -> str:
+    """A hash of the names, sizes and modification times of ``paths`` (plus ``extra``).
+
+    Any added, removed, resized or touched file changes it, which is what invalidates a cache
+    without re-reading file contents.
+    """
+    h = hashlib.sha1()
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    for p in sorted(str(p) for p in paths):
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,198 @@
+"""COCO-20i: COCO 2014/2017 instance annotations rendered to semantic labels (SPEC §5)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .base import EpisodeDataModule
+from .cache import fingerprint_files
+from .errors import DatasetError
+from .source import SegmentationSource, read_rgb
+from .transforms import Protocol
+
+COCO_LAYOUT = """expected layout under the root:
+  annotations/instances_train{year}.json, annotations/instances_val{year}.json
+  train{year}/<file_name>, val{year}/<file_name>     (file_name as in the JSON's "images")"""
+
+
+def annotation_mask(segmentation, h: int, w: int) -> np.ndarray:
+    """``[h, w]`` uint8 {0, 1} of one annotation's polygon(s), uncompressed RLE or compressed RLE."""
+    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, h, w)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
+def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarray:
+    """``[h, w]`` uint8 semantic label from ``(class index, iscrowd, segmentation)`` annotations.
+
+    Annotations are painted in order, so later instances overwrite earlier ones; crowd regions are
+    skipped (``crowd="skip"``) or painted 255 (``crowd="ignore"``).
+    """
+    label = np.zeros((h, w), dtype=np.uint8)
+    for c, iscrowd, segm in anns:
+        if iscrowd and crowd == "skip":
+            continue
+        label[annotation_mask(segm, h, w) > 0] = 255 if iscrowd else c
+    return label
+
+
+class COCOSource(SegmentationSource):
+    """One COCO split: its instance JSON is parsed once into per-image annotation lists."""
+
+    num_classes = 80
+
+    def __init__(self, root: str | os.PathLike, split: str, year: int, crowd: str = "skip") -> None:
+        root = Path(root)
+        if not root.exists():
+            raise DatasetError(f"dataset root not found: {root}\n{COCO_LAYOUT.format(year=year)}")
+        self.ann_file = root / "annotations" / f"instances_{split}{year}.json"
+        self.image_dir = root / f"{split}{year}"
+        self.crowd = crowd
+        if not self.ann_file.exists():
+            raise DatasetError(f"annotation file not found: {self.ann_file}\n{COCO_LAYOUT.format(year=year)}")
+        if not self.image_dir.is_dir():
+            raise DatasetError(f"image folder not found: {self.image_dir}\n{COCO_LAYOUT.format(year=year)}")
+        try:
+            with open(self.ann_file) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: {e}") from e
+        missing = [
+            k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data
+        ]
+        if missing:
+            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: missing keys {missing}")
+        cat_ids = sorted(int(c["id"]) for c in data["categories"])
+        if len(cat_ids) != 80:
+            raise DatasetError(
+                f"invalid COCO annotation file {self.ann_file}: COCO-20i needs the 80 COCO categories, "
+                f"found {len(cat_ids)}"
+            )
+        rank = {cid: i + 1 for i, cid in enumerate(cat_ids)}  # class index = rank of the category id
+        by_id = {cid: c["name"] for c in data["categories"] for cid in [int(c["id"])]}
+        self.class_names = tuple(by_id[cid] for cid in cat_ids)
+        self.images: dict[str, tuple[str, int, int]] = {}
+        for im in data["images"]:
+            self.images[str(im["id"])] = (im["file_name"], int(im["height"]), int(im["width"]))
+        self.anns: dict[str, list] = {i: [] for i in self.images}
+        for a in data["annotations"]:
+            key = str(a["image_id"])
+            if key not in self.anns:
+                raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image {key}")
+            if int(a["category_id"]) not in rank:
+                raise DatasetError(
+                    f"{self.ann_file}: annotation {a.get('id')} has unknown category {a['category_id']}"
+                )
+            self.anns[key].append((rank[int(a["category_id"])], int(a.get("iscrowd", 0)), a["segmentation"]))
+        self.ids = sorted(self.images, key=lambda i: (len(i), i))
+        if not self.ids:
+            raise DatasetError(f"{self.ann_file} lists no images")
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_rgb(self.image_dir / self.images[image_id][0])
+
+    def load_label(self, image_id: str) -> np.ndarray:
+        _, h, w = self.images[image_id]
+        return render_semantic(self.anns[image_id], h, w, self.crowd)
+
+    def fingerprint(self) -> str:
+        return fingerprint_files([self.ann_file], extra=self.crowd)
+
+
+class Coco20iDataModule(EpisodeDataModule):
+    """COCO-20i episodes: 80 classes (rank of the category id), 4 folds of 20 novel classes.
+
+    Training episodes come from ``train{year}``, test and validation episodes from ``val{year}``.
+    Labels are rendered on the fly from the instance JSON (loaded once per process).
+
+    Args:
+        root: COCO folder holding ``annotations/``, ``train{year}/`` and ``val{year}/``.
+        fold: Fold 0..3.
+        shot: Supports per episode (K), 1..``max_shot``.
+        image_size: Side of the square model input.
+        batch_size: Training episodes per batch.
+        num_workers: DataLoader worker processes (episodes do not depend on it).
+        test_episodes: Episodes of the fixed test list.
+        val_episodes: Episodes of the validation list (val images, other seed).
+        seed: Seed of training episodes.
+        test_seed: Seed of the test episode list.
+        val_seed: Seed of the validation episode list.
+        protocol: Test resizing, "original" or "square480" (see Pascal5iDataModule).
+        train_scales: Shortest-edge training scales; default 320..960 step 64 scaled by image_size / 480.
+        train_episodes: Training episodes per epoch; default = number of training query images.
+        support_min_pixels: Class pixels a training support crop must keep; default 1,843
+            scaled by (image_size / 480)^2.
+        pool_min_pixels: Class pixels an image needs to enter a class pool.
+        max_shot: Supports stored per listed episode.
+        cache_dir: Class-count cache folder; default ``<root>/fewshot_cache``.
+        episode_list_dir: Episode list folder; default ``<cache_dir>/episodes``.
+        eval_batch_size: Batch size of validation/test loaders; default ``batch_size``.
+        pin_memory: Pin loader memory.
+        year: 2014 (HSNet's COCO-20i) or 2017 (MM-Former's code).
+        split: "interleaved" (fold i novel = i+1, i+5, ..., i+77) or "contiguous" (20i+1..20i+20).
+        crowd: "skip" crowd annotations (default) or paint them 255 ("ignore").
+    """
+
+    name = "coco20i"
+    num_classes = 80
+
+    def __init__(
+        self,
+        root: str = "data/coco",
+        fold: int = 0,
+        shot: int = 1,
+        image_size: int = 480,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        test_episodes: int = 1000,
+        val_episodes: int = 1000,
+        seed: int = 0,
+        test_seed: int = 321,
+        val_seed: int = 123,
+        protocol: Protocol = "original",
+        train_scales: list[int] | None = None,
+        train_episodes: int | None = None,
+        support_min_pixels: int | None = None,
+        pool_min_pixels: int = 2048,
+        max_shot: int = 5,
+        cache_dir: str | None = None,
+        episode_list_dir: str | None = None,
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+        year: int = 2014,
+        split: Literal["interleaved", "contiguous"] = "interleaved",
+        crowd: Literal["skip", "ignore"] = "skip",
+    ) -> None:
+        super().__init__(
+            root, fold, shot, image_size, batch_size, num_workers, test_episodes, val_episodes, seed,
+            test_seed, val_seed, protocol, train_scales, train_episodes, support_min_pixels,
+            pool_min_pixels, max_shot, cache_dir, episode_list_dir, eval_batch_size, pin_memory,
+        )  # fmt: skip
+        if year not in (2014, 2017):
+            raise DatasetError(f"year must be 2014 or 2017, got {year}")
+        if split not in ("interleaved", "contiguous"):
+            raise DatasetError(f"split must be 'interleaved' or 'contiguous', got {split!r}")
+        if crowd not in ("skip", "ignore"):
+            raise DatasetError(f"crowd must be 'skip' or 'ignore', got {crowd!r}")
+        self.year, self.split, self.crowd = year, split, crowd
+        self.name = f"coco20i{year}_{split}_{crowd}"
+
+    def fold_novel_classes(self, fold: int) -> list[int]:
+        if self.split == "contiguous":
+            return list(range(20 * fold + 1, 20 * fold + 21))
+        return list(range(fold + 1, 81, 4))
+
+    def make_source(self, split: str) -> SegmentationSource:
+        src = COCOSource(self.root, "train" if split == "train" else "val", self.year, self.crowd)
+        self.class_names = src.class_names
+        return src

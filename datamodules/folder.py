@@ -1,0 +1,200 @@
+"""Episodes from user folders of supports and queries, for ``predict`` (and ``test`` with query masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
+
+from .errors import DatasetError
+from .source import read_rgb
+from .transforms import Protocol, TestTransform, normalize_image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+FOLDER_LAYOUT = """expected layout under the root:
+  supports/<name>.jpg|.jpeg|.png|.bmp   support images
+  supports/<name>_mask.png  or  masks/<name>.png   their masks (0 = background, 255 = ignore,
+                                                      any other value = the object)
+  queries/<name>.jpg|...                 query images
+  queries/<name>_mask.png (optional)     query masks, same convention (enables scoring)"""
+
+
+def read_binary_mask(path: Path) -> np.ndarray:
+    """``[H, W]`` uint8 {0, 1, 255} from a mask image: 0 -> 0, 255 -> 255, anything else -> 1."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            m = np.asarray(im.convert("L") if im.mode not in ("P", "L") else im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read mask {path} (corrupt or not an image): {e}") from e
+    out = (m != 0).astype(np.uint8)
+    out[m == IGNORE_INDEX] = IGNORE_INDEX
+    return out
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.stem.endswith("_mask")
+    )
+
+
+def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
+    own = image.with_name(f"{image.stem}_mask.png")
+    if own.exists():
+        return own
+    if mask_dir is not None and (mask_dir / f"{image.stem}.png").exists():
+        return mask_dir / f"{image.stem}.png"
+    return None
+
+
+class FolderEpisodes(Dataset):
+    """Every query of ``queries/`` paired with all K supports of ``supports/``."""
+
+    def __init__(self, root: Path, transform: TestTransform, class_id: int, shot: int | None) -> None:
+        sup_dir, qry_dir, mask_dir = root / "supports", root / "queries", root / "masks"
+        for d in (root, sup_dir, qry_dir):
+            if not d.is_dir():
+                raise DatasetError(f"folder not found: {d}\n{FOLDER_LAYOUT}")
+        supports = _images(sup_dir)
+        if not supports:
+            raise DatasetError(f"no support images in {sup_dir}\n{FOLDER_LAYOUT}")
+        self.supports: list[tuple[Path, Path]] = []
+        for s in supports:
+            m = _mask_for(s, mask_dir if mask_dir.is_dir() else None)
+            if m is None:
+                raise DatasetError(
+                    f"support image {s} has no mask: expected {s.with_name(s.stem + '_mask.png')} "
+                    f"or {mask_dir / (s.stem + '.png')}"
+                )
+            self.supports.append((s, m))
+        if shot is not None:
+            if not 1 <= shot <= len(self.supports):
+                raise DatasetError(f"shot={shot} but {sup_dir} holds {len(self.supports)} supports")
+            self.supports = self.supports[:shot]
+        self.queries = [(q, _mask_for(q, None)) for q in _images(qry_dir)]
+        if not self.queries:
+            raise DatasetError(f"no query images in {qry_dir}\n{FOLDER_LAYOUT}")
+        self.transform = transform
+        self.class_id = class_id
+        self._support_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _load_supports(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._support_cache is None:  # the same K supports serve every query
+            imgs, masks = [], []
+            for s, m in self.supports:
+                img, lab, _ = self.transform(*_pair(s, m))
+                imgs.append(normalize_image(img))
+                masks.append(torch.from_numpy(lab))
+            self._support_cache = (torch.stack(imgs), torch.stack(masks))
+        return self._support_cache
+
+    def __getitem__(self, index: int) -> dict:
+        q, m = self.queries[index]
+        image = read_rgb(q)
+        label = read_binary_mask(m) if m else np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        if label.shape != image.shape[:2]:
+            raise DatasetError(f"mask {m} is not the size of image {q}")
+        q_img, q_lab, valid = self.transform(image, label)
+        orig = label if self.transform.protocol == "original" else q_lab
+        s_imgs, s_masks = self._load_supports()
+        semantic = q_lab.copy()
+        semantic[q_lab == 1] = self.class_id
+        return {
+            "query_image": normalize_image(q_img),
+            "query_mask": torch.from_numpy(q_lab),
+            "support_images": s_imgs,
+            "support_masks": s_masks,
+            "class_id": self.class_id,
+            "query_semantic": torch.from_numpy(semantic),
+            "query_valid_size": torch.tensor(valid),
+            "query_label_orig": torch.from_numpy(orig),
+            "query_id": q.stem,
+            "support_ids": [s.stem for s, _ in self.supports],
+        }
+
+
+def _pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = read_rgb(image_path), read_binary_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"mask {mask_path} is {mask.shape[::-1]} but image {image_path} is {image.shape[1::-1]}"
+        )
+    return image, mask
+
+
+class FolderEpisodeDataModule(pl.LightningDataModule):
+    """Segment one object class in your own images, given K annotated supports.
+
+    Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
+    ``masks/<name>.png`` (0 background, 255 ignore, any other value = the object);
+    ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Every query is paired with
+    all supports (sorted by file name). Queries without a mask get all-255 labels.
+
+    Args:
+        root: Folder holding ``supports/``, ``queries/`` and optionally ``masks/``.
+        fold: Unused (kept so every DataModule takes the same arguments).
+        shot: Number of supports to use (the first ``shot`` by name); None = all of them.
+        image_size: Side of the square model input.
+        batch_size: Queries per batch.
+        num_workers: DataLoader worker processes.
+        test_episodes: Unused (the episodes are the queries).
+        seed: Unused (nothing is random).
+        protocol: "original" (keep aspect, pad, scored at the original size) or "square480".
+        class_id: Class id reported in ``EpisodeBatch.class_id`` and ``novel_classes``.
+    """
+
+    def __init__(
+        self,
+        root: str = "my_episode",
+        fold: int = 0,
+        shot: int | None = None,
+        image_size: int = 480,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        test_episodes: int = 1000,
+        seed: int = 0,
+        protocol: Protocol = "original",
+        class_id: int = 1,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.fold, self.shot, self.image_size = fold, shot, image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.test_episodes, self.seed, self.protocol, self.class_id = test_episodes, seed, protocol, class_id
+
+    @property
+    def base_classes(self) -> list[int]:
+        return []
+
+    @property
+    def novel_classes(self) -> list[int]:
+        return [self.class_id]
+
+    def eval_dataset(self, split: str = "predict") -> FolderEpisodes:
+        return FolderEpisodes(
+            self.root, TestTransform(self.image_size, self.protocol), self.class_id, self.shot
+        )
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.eval_dataset(),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_episodes,
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()

@@ -1,0 +1,139 @@
+"""What an episode dataset reads from: images with semantic labels, and their per-class pixel counts."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from fewshot_seg.episode import IGNORE_INDEX
+
+from .cache import atomic_write_json, read_json
+from .errors import DatasetError
+
+ClassCounts = dict[str, dict[int, int]]
+"""image id -> {class id: pixel count} for every class (not background, not 255) in its label."""
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB from an image file, with a DatasetError naming an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise DatasetError(f"image file is missing: {path}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {path} (corrupt or not an image): {e}") from e
+
+
+def read_label_png(path: str | os.PathLike, num_classes: int) -> np.ndarray:
+    """``[H, W]`` uint8 label from a palette or greyscale PNG, checked to hold only {0..C, 255}."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DatasetError(
+                    f"label {path} has mode {im.mode}; expected a palette (P) or greyscale (L) PNG "
+                    "whose pixel values are class indices"
+                )
+            arr = np.asarray(im)
+    except FileNotFoundError as e:
+        raise DatasetError(f"label file is missing: {path}") from e
+    except DatasetError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read label {path} (corrupt or not a PNG): {e}") from e
+    check_label_values(arr, num_classes, str(path))
+    return arr.astype(np.uint8, copy=False)
+
+
+def check_label_values(label: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise a DatasetError naming ``where`` if ``label`` holds a value outside {0..C, 255}."""
+    values = np.unique(label)
+    bad = values[(values > num_classes) & (values != IGNORE_INDEX)]
+    if bad.size or (values < 0).any():
+        raise DatasetError(
+            f"label {where} holds values {sorted(int(v) for v in bad)} outside "
+            f"{{0..{num_classes}, {IGNORE_INDEX}}}"
+        )
+
+
+def class_pixel_counts(label: np.ndarray) -> dict[int, int]:
+    """{class id: pixel count} of a ``[H, W]`` uint8 label (background 0 and 255 left out)."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    return {int(c): int(counts[c]) for c in np.flatnonzero(counts) if 0 < c < IGNORE_INDEX}
+
+
+class SegmentationSource(ABC):
+    """A list of images with semantic labels: 0 = background, 1..C = global class id, 255 = ignore."""
+
+    num_classes: int
+    ids: list[str]
+
+    @abstractmethod
+    def load_image(self, image_id: str) -> np.ndarray:
+        """``[H, W, 3]`` uint8 RGB."""
+
+    @abstractmethod
+    def load_label(self, image_id: str) -> np.ndarray:
+        """``[H, W]`` uint8 semantic label of the same size as the image."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Changes whenever the labels may have changed (keys the class-count cache)."""
+
+    def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label, checked to have the same size."""
+        image, label = self.load_image(image_id), self.load_label(image_id)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(
+                f"image {image_id!r} is {image.shape[1]}x{image.shape[0]} but its label is "
+                f"{label.shape[1]}x{label.shape[0]}"
+            )
+        return image, label
+
+    def class_counts(self, cache_path: str | os.PathLike, desc: str) -> ClassCounts:
+        """Per-image class pixel counts, read from ``cache_path`` or computed once and cached there.
+
+        The cache is keyed on :meth:`fingerprint`, so editing, adding or removing label files
+        triggers a rescan (with a progress bar) on the next use.
+        """
+        fp = self.fingerprint()
+        cached = read_json(cache_path)
+        if isinstance(cached, dict) and cached.get("fingerprint") == fp:
+            return {k: {int(c): int(n) for c, n in v.items()} for k, v in cached["counts"].items()}
+        counts: ClassCounts = {}
+        for image_id in tqdm(self.ids, desc=desc, unit="img", mininterval=1.0, disable=len(self.ids) < 200):
+            counts[image_id] = class_pixel_counts(self.load_label(image_id))
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_path, {"fingerprint": fp, "counts": counts})
+        return counts
+
+
+def build_pools(counts: ClassCounts, classes: list[int], min_pixels: int) -> dict[int, list[str]]:
+    """Class pools: for each class, the sorted ids of images where it covers >= ``min_pixels`` px."""
+    pools: dict[int, list[str]] = {c: [] for c in classes}
+    for image_id in sorted(counts):
+        for c, n in counts[image_id].items():
+            if c in pools and n >= min_pixels:
+                pools[c].append(image_id)
+    return pools
+
+
+def check_pools(
+    pools: dict[int, list[str]], shot: int, split: str, names: dict[int, str] | None = None
+) -> None:
+    """Every class needs a query plus ``shot`` distinct supports: raise naming the classes that lack them."""
+    short = [c for c, ids in sorted(pools.items()) if len(ids) < shot + 1]
+    if short:
+        desc = ", ".join(
+            f"class {c}" + (f" ({names[c]})" if names and c in names else "") + f": {len(pools[c])} images"
+            for c in short
+        )
+        raise DatasetError(
+            f"{split} class pool too small for {shot}-shot episodes (need at least {shot + 1} images "
+            f"with the class, i.e. a query plus {shot} supports): {desc}"
+        )

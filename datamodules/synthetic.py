@@ -1,0 +1,301 @@
+"""A procedural few-shot dataset written in the VOC on-disk format and read as Pascal-5i.
+
+20 classes = 5 shapes x 4 colour/texture families. Class ``5i + j + 1`` (fold ``i``, slot ``j``)
+has shape ``j`` and family ``(i + j) % 4``, so every (shape, family) pair is used exactly once
+and each fold's 5 novel classes have all 5 shapes: a novel class always shares its shape with 3
+base classes and its family with 3-4 other base classes, so only its support tells it apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .cache import read_json
+from .pascal import Pascal5iDataModule
+from .source import SegmentationSource
+from .transforms import Protocol
+
+GENERATOR_VERSION = 1
+SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
+FAMILIES = ("red stripes", "green checks", "blue dots", "yellow speckles")
+_FAMILY_RGB = np.array([[205, 45, 40], [45, 165, 60], [45, 75, 205], [225, 200, 45]], dtype=np.float32)
+
+
+def class_attributes(class_id: int) -> tuple[int, int]:
+    """(shape index, family index) of a 1-based synthetic class id."""
+    fold, slot = divmod(class_id - 1, 5)
+    return slot, (fold + slot) % 4
+
+
+SYNTHETIC_CLASSES = tuple(f"{FAMILIES[f]} {SHAPES[s]}" for s, f in map(class_attributes, range(1, 21)))
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry VOC colour map (bit-interleaved), flattened RGB, as VOC label PNGs use."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray:
+    """Inside-test of a unit-size shape in rotated, normalised coordinates ``u, v``."""
+    if shape == 0:
+        return (u / aspect) ** 2 + v**2 <= 1.0
+    if shape == 1:
+        return (np.abs(u) <= aspect * 0.85) & (np.abs(v) <= 0.85)
+    if shape == 2:
+        inside = np.ones(u.shape, dtype=bool)
+        for ang in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3):
+            inside &= u * np.cos(ang) + v * np.sin(ang) <= 0.65  # ~ the area of the other shapes
+        return inside
+    if shape == 3:
+        arm = 0.36
+        return ((np.abs(u) <= arm) & (np.abs(v) <= 1)) | ((np.abs(u) <= 1) & (np.abs(v) <= arm))
+    r = np.sqrt(u**2 + v**2)
+    return (r <= 1.0) & (r >= 0.55)
+
+
+def _texture(family: int, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[H, W, 3]`` float texture of a colour family (two tones of its colour in its pattern)."""
+    base = _FAMILY_RGB[family] * rng.uniform(0.85, 1.1)
+    period = rng.uniform(5, 9)
+    if family == 0:
+        phi = rng.uniform(0, np.pi)
+        pattern = np.sin(2 * np.pi * (xx * np.cos(phi) + yy * np.sin(phi)) / period) > 0
+    elif family == 1:
+        pattern = (np.floor(xx / period) + np.floor(yy / period)) % 2 == 0
+    elif family == 2:
+        px, py = (xx + rng.uniform(0, period)) % period, (yy + rng.uniform(0, period)) % period
+        pattern = (px - period / 2) ** 2 + (py - period / 2) ** 2 > (period / 3.2) ** 2
+    else:
+        pattern = rng.random(xx.shape) > 0.35
+    tone = np.where(pattern, 1.0, 0.55)[..., None]
+    return base[None, None, :] * tone
+
+
+def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Low-saturation gradient + blotches + grey lines + noise: textured but colour-neutral."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    grey = rng.uniform(60, 200)
+    tint = rng.uniform(-18, 18, size=3)
+    gx, gy = rng.uniform(-0.4, 0.4, size=2)
+    img = grey + tint[None, None, :] + (gx * (xx - w / 2) + gy * (yy - h / 2))[..., None]
+    for _ in range(int(rng.integers(2, 6))):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 40)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        img += (rng.uniform(-45, 45) * blob)[..., None]
+    for _ in range(int(rng.integers(0, 4))):
+        phi, off = rng.uniform(0, np.pi), rng.uniform(-0.5, 0.5) * max(h, w)
+        d = np.abs((xx - w / 2) * np.cos(phi) + (yy - h / 2) * np.sin(phi) - off)
+        img[d < rng.uniform(1, 3)] = rng.uniform(30, 230)
+    return img
+
+
+def render_image(
+    h: int,
+    w: int,
+    rng: np.random.Generator,
+    max_objects: int = 3,
+    size_range: tuple[float, float] = (0.2, 0.45),
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic image ``[H, W, 3]`` uint8 and its label ``[H, W]`` uint8 (0, 1..20, 255 boundary)."""
+    img = _background(h, w, rng)
+    label = np.zeros((h, w), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    side = min(h, w)
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        c = int(rng.integers(1, 21))
+        shape, family = class_attributes(c)
+        r = rng.uniform(*size_range) * side / 2  # half of the object's extent
+        cy, cx = rng.uniform(r * 0.6, h - r * 0.6), rng.uniform(r * 0.6, w - r * 0.6)
+        theta = rng.uniform(0, 2 * np.pi)
+        dy, dx = (yy - cy) / r, (xx - cx) / r
+        u, v = dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+        mask = _shape_mask(shape, u, v, rng.uniform(0.65, 1.0))
+        img[mask] = _texture(family, yy, xx, rng)[mask]
+        label[mask] = c  # later objects overwrite earlier ones, as in COCO rendering
+    img += rng.normal(0, 6, size=img.shape)
+    # VOC-style 255 band where labels meet (object/background and object/object edges).
+    edge = np.zeros((h, w), dtype=bool)
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge[:-1, :] |= label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    grown = edge.copy()
+    grown[1:, :] |= edge[:-1, :]
+    grown[:, 1:] |= edge[:, :-1]
+    label[grown] = 255
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def generator_params(num_train: int, num_val: int, seed: int, min_side: int, max_side: int) -> dict:
+    return {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "seed": seed,
+        "min_side": min_side,
+        "max_side": max_side,
+    }
+
+
+def generate_synthetic_voc(
+    root: str | os.PathLike,
+    num_train: int = 2000,
+    num_val: int = 500,
+    seed: int = 0,
+    min_side: int = 112,
+    max_side: int = 176,
+    force: bool = False,
+) -> bool:
+    """Write the synthetic dataset under ``root`` in VOC format unless it is already there.
+
+    Layout: ``JPEGImages/<id>.jpg``, ``SegmentationClassAug/<id>.png`` (VOC palette),
+    ``ImageSets/Segmentation/val.txt``, ``manifest.json`` (the parameters). Image ``k`` of a split
+    depends only on ``(seed, split, k)``. The set is built in a sibling temporary folder and
+    swapped in with renames, so an interrupted run never leaves a half-written dataset.
+    Returns True if it (re)generated.
+    """
+    root = Path(root)
+    params = generator_params(num_train, num_val, seed, min_side, max_side)
+    if not force and read_json(root / "manifest.json") == params:
+        return False
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    (tmp / "JPEGImages").mkdir(parents=True)
+    (tmp / "SegmentationClassAug").mkdir()
+    (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
+    palette = voc_palette()
+    try:
+        val_ids = []
+        for split, count, code in (("train", num_train, 0), ("val", num_val, 1)):
+            for k in range(count):
+                rng = np.random.default_rng([seed, code, k])
+                h, w = (int(x) for x in rng.integers(min_side, max_side + 1, size=2))
+                image, label = render_image(h, w, rng)
+                image_id = f"{split}_{k:05d}"
+                Image.fromarray(image).save(tmp / "JPEGImages" / f"{image_id}.jpg", quality=92)
+                png = Image.fromarray(label, mode="P")
+                png.putpalette(palette)
+                png.save(tmp / "SegmentationClassAug" / f"{image_id}.png")
+                if split == "val":
+                    val_ids.append(image_id)
+        (tmp / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val_ids) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(params))
+        old = None
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
+            os.replace(root, old)
+        os.replace(tmp, root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+class SyntheticDataModule(Pascal5iDataModule):
+    """Pascal-5i episodes on a generated dataset (CPU demos and tests); see the module docstring.
+
+    The data is generated under ``root`` on first use (``prepare_data`` or ``setup``) and
+    regenerated only when missing or when the generator arguments change; it is then read
+    through the Pascal-5i code path. Sizes default small so a CPU can train on it.
+
+    Args:
+        root: Folder the VOC-format synthetic dataset is written to and read from.
+        fold: Fold 0..3; class ``5 * fold + j + 1`` (j = 0..4) is novel.
+        shot: Supports per episode (K), 1..``max_shot``.
+        image_size: Side of the square model input.
+        batch_size: Training episodes per batch.
+        num_workers: DataLoader worker processes (episodes do not depend on it).
+        test_episodes: Episodes of the fixed test list.
+        val_episodes: Episodes of the validation list (val images, other seed).
+        seed: Seed of training episodes.
+        test_seed: Seed of the test episode list.
+        val_seed: Seed of the validation episode list.
+        protocol: Test resizing, "original" or "square480" (see Pascal5iDataModule).
+        train_scales: Shortest-edge training scales; default 320..960 step 64 scaled by image_size / 480.
+        train_episodes: Training episodes per epoch; default = number of training query images.
+        support_min_pixels: Class pixels a training support crop must keep; default 1,843 scaled
+            by (image_size / 480)^2.
+        pool_min_pixels: Class pixels an image needs to enter a class pool. The generated images
+            are ~0.1x the area of VOC's, so the default is about 2,048 scaled down accordingly.
+        max_shot: Supports stored per listed episode.
+        cache_dir: Class-count cache folder; default ``<root>/fewshot_cache``.
+        episode_list_dir: Episode list folder; default ``<cache_dir>/episodes``.
+        eval_batch_size: Batch size of validation/test loaders; default ``batch_size``.
+        pin_memory: Pin loader memory.
+        num_train: Generated training images.
+        num_val: Generated val (test) images.
+        generator_seed: Seed of the generated images.
+        min_side: Smallest generated image side (sides are drawn uniformly in [min_side, max_side]).
+        max_side: Largest generated image side.
+    """
+
+    name = "synthetic"
+    class_names = SYNTHETIC_CLASSES
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        fold: int = 0,
+        shot: int = 1,
+        image_size: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        test_episodes: int = 1000,
+        val_episodes: int = 200,
+        seed: int = 0,
+        test_seed: int = 321,
+        val_seed: int = 123,
+        protocol: Protocol = "original",
+        train_scales: list[int] | None = None,
+        train_episodes: int | None = None,
+        support_min_pixels: int | None = None,
+        pool_min_pixels: int = 200,
+        max_shot: int = 5,
+        cache_dir: str | None = None,
+        episode_list_dir: str | None = None,
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+        num_train: int = 2000,
+        num_val: int = 500,
+        generator_seed: int = 0,
+        min_side: int = 112,
+        max_side: int = 176,
+    ) -> None:
+        super().__init__(
+            root, fold, shot, image_size, batch_size, num_workers, test_episodes, val_episodes, seed,
+            test_seed, val_seed, protocol, train_scales, train_episodes, support_min_pixels,
+            pool_min_pixels, max_shot, cache_dir, episode_list_dir, eval_batch_size, pin_memory,
+        )  # fmt: skip
+        self.generator_args = {
+            "num_train": num_train,
+            "num_val": num_val,
+            "seed": generator_seed,
+            "min_side": min_side,
+            "max_side": max_side,
+        }
+
+    def prepare_data(self) -> None:
+        generate_synthetic_voc(self.root, **self.generator_args)
+
+    def make_source(self, split: str) -> SegmentationSource:
+        self.prepare_data()  # cheap when present; covers use without a Trainer
+        return super().make_source(split)

@@ -1,0 +1,171 @@
+"""Albumentations pipelines for training and test episodes, and conversion to model tensors.
+
+Every random decision comes from a ``numpy.random.Generator`` handed in by the caller (derived from
+``(seed, epoch, index)``), so an episode is the same whichever worker process builds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD
+
+Protocol = Literal["original", "square480"]
+
+# SPEC §4: shortest-edge scales for a 480 crop; other crop sizes scale them proportionally.
+REFERENCE_SIZE = 480
+REFERENCE_SCALES = tuple(range(320, 961, 64))
+TRAIN_IMAGE_PAD = 128
+# SPEC §5: a support must keep 1,843 px of its class in a 480 x 480 crop.
+REFERENCE_SUPPORT_MIN_PIXELS = 1843
+
+_MEAN = np.asarray(PIXEL_MEAN, dtype=np.float32)
+_STD = np.asarray(PIXEL_STD, dtype=np.float32)
+
+
+def default_train_scales(image_size: int) -> list[int]:
+    """SPEC's {320, 384, ..., 960} shortest-edge scales, scaled by ``image_size / 480``."""
+    return [max(1, round(s * image_size / REFERENCE_SIZE)) for s in REFERENCE_SCALES]
+
+
+def default_support_min_pixels(image_size: int) -> int:
+    """1,843 px at 480 x 480, scaled by the crop area: ``round(1843 * (image_size / 480) ** 2)``."""
+    return max(1, round(REFERENCE_SUPPORT_MIN_PIXELS * (image_size / REFERENCE_SIZE) ** 2))
+
+
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float32 normalised with PIXEL_MEAN / PIXEL_STD."""
+    x = (image.astype(np.float32) - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def denormalize_image(image: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`normalize_image`: ``[3, H, W]`` -> ``[H, W, 3]`` uint8."""
+    x = image.detach().cpu().float().numpy().transpose(1, 2, 0) * _STD + _MEAN
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _pad_bottom_right(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = label.shape
+    if h >= size and w >= size:
+        return image, label
+    img = np.full((max(h, size), max(w, size), 3), TRAIN_IMAGE_PAD, dtype=np.uint8)
+    lab = np.full((max(h, size), max(w, size)), IGNORE_INDEX, dtype=np.uint8)
+    img[:h, :w] = image
+    lab[:h, :w] = label
+    return img, lab
+
+
+class TrainAugment:
+    """SPEC §4 training augmentation producing an ``image_size`` square crop.
+
+    Shortest-edge resize to a random scale, colour jitter and horizontal flip (albumentations),
+    then a random ``image_size`` crop re-drawn until ``accept(label_crop)`` holds, then padding
+    (image 128, label 255) at the bottom/right. After ``crop_tries`` crops the whole augmentation
+    is re-drawn, up to ``max_tries`` times; if nothing is accepted the image is resized to fit the
+    crop whole (nothing is cut away), which keeps sampling finite on pathological inputs.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        scales: Sequence[int] | None = None,
+        max_tries: int = 10,
+        crop_tries: int = 5,
+    ) -> None:
+        self.image_size = image_size
+        self.scales = list(scales) if scales else default_train_scales(image_size)
+        self.max_tries = max_tries
+        self.crop_tries = crop_tries
+        self.pipeline = A.Compose(
+            [
+                A.SmallestMaxSize(max_size=self.scales, interpolation=cv2.INTER_LINEAR),
+                A.ColorJitter(brightness=0.2, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
+                A.HorizontalFlip(p=0.5),
+            ]
+        )
+        self.fallback = A.Compose(
+            [
+                A.LongestMaxSize(max_size=image_size),
+                A.PadIfNeeded(
+                    image_size,
+                    image_size,
+                    position="top_left",
+                    border_mode=cv2.BORDER_CONSTANT,
+                    fill=TRAIN_IMAGE_PAD,
+                    fill_mask=IGNORE_INDEX,
+                ),
+            ]
+        )
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        rng: np.random.Generator,
+        accept: Callable[[np.ndarray], bool],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Augment ``image [H, W, 3] uint8`` and ``label [H, W] uint8``; both come back ``S x S``."""
+        s = self.image_size
+        for _ in range(self.max_tries):
+            self.pipeline.set_random_seed(int(rng.integers(2**31)))
+            out = self.pipeline(image=image, mask=label)
+            img, lab = out["image"], out["mask"]
+            h, w = lab.shape
+            for _ in range(self.crop_tries):
+                y0 = int(rng.integers(0, h - s + 1)) if h > s else 0
+                x0 = int(rng.integers(0, w - s + 1)) if w > s else 0
+                lab_c = lab[y0 : y0 + s, x0 : x0 + s]
+                if accept(lab_c):
+                    return _pad_bottom_right(img[y0 : y0 + s, x0 : x0 + s], lab_c, s)
+        out = self.fallback(image=image, mask=label)
+        return out["image"], out["mask"]
+
+
+class TestTransform:
+    """Deterministic test-time resizing (SPEC §5 evaluation resolution).
+
+    ``"original"``: resize so the long side is ``image_size`` keeping the aspect ratio, pad
+    bottom/right to a square with the mean pixel (0 after normalisation) and label 255; the
+    valid size is the resized extent. ``"square480"``: resize image and label to
+    ``image_size x image_size`` without keeping the aspect ratio (label: nearest).
+    """
+
+    def __init__(self, image_size: int, protocol: Protocol = "original") -> None:
+        if protocol not in ("original", "square480"):
+            raise ValueError(f"protocol must be 'original' or 'square480', got {protocol!r}")
+        self.image_size = image_size
+        self.protocol = protocol
+        if protocol == "original":
+            self.resize = A.Compose([A.LongestMaxSize(max_size=image_size)])
+            self.pad = A.Compose(
+                [
+                    A.PadIfNeeded(
+                        image_size,
+                        image_size,
+                        position="top_left",
+                        border_mode=cv2.BORDER_CONSTANT,
+                        fill=tuple(float(m) for m in PIXEL_MEAN),
+                        fill_mask=IGNORE_INDEX,
+                    )
+                ]
+            )
+        else:
+            self.resize = A.Compose([A.Resize(image_size, image_size)])
+            self.pad = None
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """-> (image ``[S, S, 3]`` uint8, label ``[S, S]`` uint8, valid (h, w) inside the square)."""
+        out = self.resize(image=image, mask=label)
+        valid = (int(out["mask"].shape[0]), int(out["mask"].shape[1]))
+        if self.pad is not None:
+            out = self.pad(image=out["image"], mask=out["mask"])
+        return out["image"], out["mask"], valid

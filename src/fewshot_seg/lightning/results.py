@@ -1,0 +1,103 @@
+"""Test results: the run folder, ``results.json`` / ``results.csv`` and the per-class table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+def run_dir(trainer: Any) -> Path:
+    """The folder of this run, where checkpoints of the first logger also go.
+
+    CSV/TensorBoard: the logger's version folder; other loggers (W&B): ``save_dir/name/version``
+    (``Trainer.log_dir`` would give the bare ``save_dir``, shared by every run); no logger:
+    ``default_root_dir``. Unlike ``Trainer.log_dir`` this does not broadcast, so rank 0 may call
+    it alone.
+    """
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = getattr(trainer, "loggers", None) or []
+    if loggers:
+        lg = loggers[0]
+        if isinstance(lg, (CSVLogger, TensorBoardLogger)):
+            return Path(lg.log_dir)
+        save_dir, name, version = lg.save_dir, lg.name, lg.version
+        if save_dir and name is not None and version is not None:
+            return Path(save_dir) / str(name) / str(version)
+        if save_dir:
+            return Path(save_dir)
+    return Path(getattr(trainer, "default_root_dir", None) or ".")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def class_rows(summary: dict) -> list[dict[str, Any]]:
+    """One row per class: id, name, episodes, model / oracle / baseline IoU (percent)."""
+    rows = []
+    for c, iou in summary["class_iou"].items():
+        rows.append(
+            {
+                "class_id": int(c),
+                "name": summary.get("class_names", {}).get(c, ""),
+                "episodes": summary.get("class_episodes", {}).get(c, ""),
+                "iou": iou,
+                "oracle_iou": summary.get("oracle_class_iou", {}).get(c),
+                "baseline_iou": summary.get("baseline_class_iou", {}).get(c),
+            }
+        )
+    return rows
+
+
+def format_class_table(summary: dict) -> str:
+    """Plain-text per-class table followed by the mIoU / FB-IoU lines."""
+    head = f"{'class':>5}  {'name':<14} {'episodes':>8} {'IoU':>7} {'oracle':>7} {'baseline':>8}"
+    lines = [head, "-" * len(head)]
+    for r in class_rows(summary):
+        lines.append(
+            f"{r['class_id']:>5}  {str(r['name'])[:14]:<14} {r['episodes']!s:>8} {_fmt(r['iou']):>7} "
+            f"{_fmt(r['oracle_iou']):>7} {_fmt(r['baseline_iou']):>8}"
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"mIoU {_fmt(summary['miou'])}  FB-IoU {_fmt(summary['fbiou'])}  "
+        f"oracle mIoU {_fmt(summary.get('oracle_miou'))}  "
+        f"baseline mIoU {_fmt(summary.get('baseline_miou'))}  "
+        f"({summary.get('dataset')} fold {summary.get('fold')} {summary.get('shot')}-shot, "
+        f"{summary.get('wall_time_s', 0.0):.1f} s)"
+    )
+    return "\n".join(lines)
+
+
+def write_results(summary: dict, folder: str | Path) -> tuple[Path, Path]:
+    """Write ``results.json`` (the whole summary) and ``results.csv`` (per-class rows + a mean row)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "results.json"
+    json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    csv_path = folder / "results.csv"
+    rows = class_rows(summary)
+    fields = ["class_id", "name", "episodes", "iou", "oracle_iou", "baseline_iou"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerow(
+            {
+                "class_id": "mean",
+                "name": "",
+                "episodes": sum(int(r["episodes"]) for r in rows if r["episodes"] != ""),
+                "iou": summary["miou"],
+                "oracle_iou": summary.get("oracle_miou"),
+                "baseline_iou": summary.get("baseline_miou"),
+            }
+        )
+    return json_path, csv_path
+
+
+def load_results(path: str | Path) -> dict:
+    """Read a ``results.json``."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,258 @@
+"""End-to-end: the real CLI (in-process) on tiny synthetic data - both stages, resume, test, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewshot_seg.cli import main
+from fewshot_seg.lightning.base import STAGE_KEY
+from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+GEN = {"num_train": 120, "num_val": 60}  # generator arguments; must be the same in every run
+
+
+def cfg(*names: str) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        out += ["-c", str(CONFIGS / n)]
+    return out
+
+
+def tiny_data(root: Path) -> list[str]:
+    return [
+        f"--data.init_args.root={root}",
+        f"--data.init_args.num_train={GEN['num_train']}",
+        f"--data.init_args.num_val={GEN['num_val']}",
+        "--data.init_args.pool_min_pixels=50",
+        "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.val_episodes=4",
+        "--data.init_args.test_episodes=4",
+    ]
+
+
+def run_dir_args(out: Path, version: str | None = None) -> list[str]:
+    args = [
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_model_summary=false",
+    ]
+    if version:
+        args.append(f"--trainer.logger.init_args.version={version}")
+    return args
+
+
+STAGE1 = cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml")
+STAGE2 = cfg("trainer.yaml", "data_synthetic.yaml", "stage2_mm_cpu_demo.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datamodules import generate_synthetic_voc
+
+    root = tmp_path_factory.mktemp("syn") / "voc"
+    generate_synthetic_voc(root, **GEN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        cli = main(
+            [
+                "fit",
+                *STAGE1,
+                *tiny_data(synthetic_root),
+                *run_dir_args(out, "s1"),
+                "--trainer.max_steps=2",
+                "--trainer.val_check_interval=2",
+                "--model.init_args.num_points=256",
+            ]
+        )
+    finally:
+        mp.undo()
+    assert cli.trainer.global_step == 2
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert last.name == "last.ckpt" and last.is_file()
+    return last
+
+
+def test_stage1_checkpoint_and_run_folder(stage1_ckpt: Path) -> None:
+    ckpt = torch.load(stage1_ckpt, map_location="cpu", weights_only=True)
+    assert ckpt[STAGE_KEY] == "pos"
+    assert any(k.startswith("pos.") for k in ckpt["state_dict"])
+    run = stage1_ckpt.parent.parent  # <save_dir>/<project>/<version>/checkpoints/last.ckpt
+    assert run.name == "s1"
+    assert (run / "config.yaml").is_file()
+    # Stage 1 monitors the oracle; the best checkpoint is kept next to last.ckpt.
+    assert list(stage1_ckpt.parent.glob("best-step*.ckpt"))
+    # Frozen stage-1 pieces are never in the optimiser (demo: trainable backbone, so all params).
+    assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
+
+
+def test_stage2_fit_resume_and_test(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    common = [
+        *STAGE2,
+        *tiny_data(synthetic_root),
+        *run_dir_args(tmp_path, "s2"),
+        f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+        "--trainer.limit_val_batches=1",
+    ]
+    cli = main(["fit", *common, "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    assert cli.trainer.global_step == 1
+    s1 = torch.load(stage1_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    after = cli.model.state_dict()
+    # Backbone + POS are the stage-1 weights, untouched by stage-2 training.
+    for k in (
+        "pos.transformer_decoder.query_feat.weight",
+        "backbone.conv1.weight",
+        "backbone.bn1.running_mean",
+    ):
+        assert torch.equal(s1[k], after[k]), k
+    assert not any(p.requires_grad for p in cli.model.backbone.parameters())
+    assert not any(p.requires_grad for p in cli.model.pos.parameters())
+
+    # Resume the same run (same logger version -> same checkpoint folder) from last.ckpt.
+    cli2 = main(
+        ["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=1", "--ckpt_path=last"]
+    )
+    assert cli2.trainer.global_step == 2
+    last = Path(cli2.trainer.checkpoint_callback.last_model_path)
+    assert torch.load(last, map_location="cpu", weights_only=True)[STAGE_KEY] == "mm"
+
+    out = tmp_path / "test"
+    main(
+        [
+            "test",
+            *STAGE2,
+            *tiny_data(synthetic_root),
+            *run_dir_args(out, "t"),
+            f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+            f"--ckpt_path={last}",
+        ]
+    )
+    res = json.loads((out / "fewshot-seg" / "t" / "results.json").read_text())
+    for key in (
+        "miou",
+        "fbiou",
+        "oracle_miou",
+        "baseline_miou",
+        "class_iou",
+        "wall_time_s",
+        "fold",
+        "shot",
+        "dataset",
+    ):
+        assert key in res, key
+    assert res["fold"] == 0 and res["shot"] == 1 and res["dataset"] == "synthetic"
+    assert sorted(res["class_iou"]) == ["1", "2", "3", "4", "5"]
+    assert sum(res["class_episodes"].values()) == 4
+    assert 0.0 <= res["miou"] <= 100.0 and 0.0 <= res["oracle_miou"] <= 100.0
+    csv_lines = (out / "fewshot-seg" / "t" / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("class_id") and csv_lines[-1].startswith("mean")
+
+    # A stage-2 checkpoint where stage 1 is expected: refused, naming the problem.
+    with pytest.raises(Stage1CheckpointError, match="stage-2"):
+        MMModule(stage1_checkpoint=str(last), **_demo_sizes())
+
+
+def _demo_sizes(**over) -> dict:
+    sizes = dict(
+        backbone="resnet18",
+        backbone_weights=None,
+        num_queries=20,
+        pos_dim=64,
+        pos_heads=4,
+        enc_layers=2,
+        enc_ffn=128,
+        dec_layers=3,
+        dec_ffn=256,
+        norm_groups=8,
+        mm_dim=32,
+        matching_hidden=16,
+    )
+    sizes.update(over)
+    return sizes
+
+
+def test_stage2_refuses_wrong_shapes(stage1_ckpt: Path) -> None:
+    with pytest.raises(Stage1CheckpointError, match=r"shape mismatches.*pos_dim.*32 \(model\)"):
+        MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(pos_dim=32))
+    with pytest.raises(Stage1CheckpointError, match="backbone"):
+        MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(backbone="resnet34"))
+    with pytest.raises(Stage1CheckpointError, match="does not exist"):
+        MMModule(stage1_checkpoint="/nonexistent/last.ckpt", **_demo_sizes())
+    # The right sizes load.
+    MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes())
+
+
+def test_stage2_cli_names_wrong_checkpoint(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    # jsonargparse re-raises instantiation errors as ValueError (Stage1CheckpointError is one) with our text.
+    with pytest.raises(ValueError, match=r"num_queries.*20 \(checkpoint\) vs 10 \(model\)"):
+        main(
+            [
+                "fit",
+                *STAGE2,
+                *tiny_data(synthetic_root),
+                *run_dir_args(tmp_path),
+                f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+                "--model.init_args.num_queries=10",
+                "--trainer.fast_dev_run=true",
+            ]
+        )
+
+
+def test_predict_writes_masks_and_overlays(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    # A user folder: one support with its mask, two queries (one without a mask).
+    folder = tmp_path / "episode"
+    for d in ("supports", "queries"):
+        (folder / d).mkdir(parents=True)
+    imgs = sorted((synthetic_root / "JPEGImages").glob("*.jpg"))[:3]
+    labels = synthetic_root / "SegmentationClassAug"
+    lab = np.array(Image.open(labels / f"{imgs[0].stem}.png"))
+    cls = int(next(v for v in np.unique(lab) if v not in (0, 255)))
+    Image.open(imgs[0]).save(folder / "supports" / "s0.jpg")
+    Image.fromarray(((lab == cls) * 255).astype(np.uint8)).save(folder / "supports" / "s0_mask.png")
+    for i, p in enumerate(imgs[1:]):
+        Image.open(p).save(folder / "queries" / f"q{i}.jpg")
+    pred_dir = tmp_path / "pred"
+    # The data class comes before the stage file, which sets data.init_args.batch_size.
+    main(
+        [
+            "predict",
+            *cfg("trainer.yaml"),
+            "--data=datamodules.FolderEpisodeDataModule",
+            *cfg("stage2_mm_cpu_demo.yaml"),
+            *run_dir_args(tmp_path / "runs"),
+            f"--data.root={folder}",
+            "--data.image_size=64",
+            f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+            f"--model.init_args.predict_dir={pred_dir}",
+        ]
+    )
+    for i, p in enumerate(imgs[1:]):
+        size = Image.open(p).size
+        masks = list(pred_dir.glob(f"q{i}*_mask.png"))
+        overlays = list(pred_dir.glob(f"q{i}*_overlay.png"))
+        assert len(masks) == 1 and len(overlays) == 1
+        mask = Image.open(masks[0])
+        assert mask.size == size and set(np.unique(np.array(mask))) <= {0, 255}
+        ov = Image.open(overlays[0])
+        assert ov.size == size and ov.mode == "RGB"

@@ -1,0 +1,117 @@
+"""Parameter groups and the poly schedule (SPEC §4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fewshot_seg.lightning.optim import build_optimizer, param_groups, poly_lambda, resolve_max_steps
+
+
+class _CustomFrozenNorm(nn.Module):
+    """Stands for any norm class that is not a torch subclass (matched by name)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.custom = _CustomFrozenNorm(4)
+        self.query_feat = nn.Embedding(5, 4)
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))
+        self.linear = nn.Linear(4, 4)
+        self.shared = self.linear  # the same parameters twice
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def _wd_by_param(groups: list[dict]) -> dict[int, float]:
+    return {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+
+
+def test_no_decay_on_norms_and_embeddings() -> None:
+    model = _Toy()
+    groups = param_groups(model, lr=1e-4, weight_decay=0.05)
+    wd = _wd_by_param(groups)
+    zero = [
+        model.backbone[1].weight,
+        model.backbone[1].bias,
+        model.gn.weight,
+        model.gn.bias,
+        model.ln.weight,
+        model.inorm.weight,
+        model.custom.weight,
+        model.query_feat.weight,
+        model.level_embed,
+    ]
+    decayed = [
+        model.backbone[0].weight,
+        model.backbone[0].bias,
+        model.conv.weight,
+        model.linear.weight,
+        model.linear.bias,
+    ]
+    for p in zero:
+        assert wd[id(p)] == 0.0
+    for p in decayed:
+        assert wd[id(p)] == 0.05
+    # Frozen parameters are not optimised; shared ones appear once.
+    assert id(model.frozen.weight) not in wd
+    all_params = [p for g in groups for p in g["params"]]
+    assert len(all_params) == len({id(p) for p in all_params})
+    assert len(all_params) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_lr_multiplier_by_prefix() -> None:
+    model = _Toy()
+    groups = param_groups(model, lr=1e-4, lr_mult={"backbone": 0.1})
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr[id(model.backbone[0].weight)] == pytest.approx(1e-5)
+    assert lr[id(model.backbone[1].weight)] == pytest.approx(1e-5)
+    assert lr[id(model.conv.weight)] == pytest.approx(1e-4)
+
+
+def test_nothing_trainable_is_an_error() -> None:
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        param_groups(model, lr=1e-4)
+
+
+def test_poly_schedule_per_step() -> None:
+    f = poly_lambda(100, 0.9)
+    assert f(0) == 1.0
+    assert f(50) == pytest.approx(0.5**0.9)
+    assert f(100) == 0.0 and f(150) == 0.0
+    model = nn.Linear(2, 2)
+    cfg = build_optimizer(model, lr=1e-4, weight_decay=0.05, max_steps=10)
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert cfg["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [1e-4 * (1 - s / 10) ** 0.9 for s in range(10)]
+    assert lrs == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_resolve_max_steps() -> None:
+    class _T:
+        estimated_stepping_batches = 37
+
+    assert resolve_max_steps(5, _T()) == 5
+    assert resolve_max_steps(None, _T()) == 37
+    _T.estimated_stepping_batches = float("inf")
+    with pytest.raises(ValueError, match="max_steps"):
+        resolve_max_steps(None, _T())

@@ -63,3 +63,13 @@ aggregate: ## Gather the 4 folds' results.json under runs/$(DATASET) into one Ma
 benchmark: ## Data throughput and model speed tables on this machine
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/model_speed.py
+
+SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
+.PHONY: sweep
+sweep: ## Register a W&B sweep from SWEEP=lightning_configs/sweeps/<file>.yaml (prints its id)
+	$(VENV)/bin/wandb sweep $(SWEEP)
+
+.PHONY: agent
+agent: ## Run a W&B sweep agent: make agent SWEEP_ID=<entity/project/id> [COUNT=n]
+	@test -n "$(SWEEP_ID)" || { echo "SWEEP_ID is required (printed by make sweep)"; exit 2; }
+	$(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP_ID)

@@ -15,7 +15,7 @@ from fewshot_seg.models.convert import (
 )
 from fewshot_seg.models.pos import PotentialObjectsSegmenter
 
-KEYS_FILE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mmformer_state_dict_keys.txt"
+KEYS_FILE = Path(__file__).resolve().parent / "data" / "mmformer_state_dict_keys.txt"
 KNOWN_UNUSED = re.compile(r"sem_seg_head\.pixel_decoder\.crossat_|crossat_3\.|criterion\.empty_weight$")
 
 

@@ -7,7 +7,8 @@ from functools import cached_property
 from pathlib import Path
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fewshot_seg.episode import collate_episodes
 
@@ -209,4 +210,18 @@ class EpisodeDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if not hasattr(self, "_test"):
             self.setup("test")
-        return self._loader(self._test, self.eval_batch_size)
+        return self._loader(self._test, self.eval_batch_size, sampler=_unpadded_shard_sampler(self._test))
+
+
+def _unpadded_shard_sampler(dataset: Dataset) -> Sampler | None:
+    """Under multi-process DDP, every process its own episodes, each episode exactly once.
+
+    Lightning's default DistributedSampler pads the list with repeated episodes to make equal
+    shards; a repeated episode would be counted twice by the summed test metric. Being a
+    DistributedSampler, this one is kept by Lightning as is. None (sequential) in a single process.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)

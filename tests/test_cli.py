@@ -193,7 +193,8 @@ def _demo_sizes(**over) -> dict:
 
 
 def test_stage2_refuses_wrong_shapes(stage1_ckpt: Path) -> None:
-    with pytest.raises(Stage1CheckpointError, match=r"shape mismatches.*pos_dim.*32 \(model\)"):
+    # The stage-1 run's settings are recorded in its checkpoint: a different one is refused by name.
+    with pytest.raises(Stage1CheckpointError, match=r"pos_dim: 64 \(checkpoint\) vs 32 \(model\)"):
         MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(pos_dim=32))
     with pytest.raises(Stage1CheckpointError, match="backbone"):
         MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(backbone="resnet34"))

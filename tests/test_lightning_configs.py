@@ -59,11 +59,39 @@ def _fit_and_test(stage: str, root: Path, tmp: Path, extra: list[str]) -> None:
     assert key in logged and 0.0 <= float(logged[key]) <= 100.0
 
 
+@pytest.fixture(scope="module")
+def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-1 demo checkpoint: the stage-2 demo takes its backbone/POS settings from it."""
+    out = tmp_path_factory.mktemp("stage1")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        cli = main(
+            [
+                "fit",
+                *cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml"),
+                *tiny_data(synthetic_root),
+                *run_dir_args(out, "s1"),
+                "--trainer.max_steps=1",
+                "--trainer.val_check_interval=1",
+                "--trainer.limit_val_batches=1",
+                "--model.init_args.num_points=256",
+            ]
+        )
+    finally:
+        mp.undo()
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
 @pytest.mark.parametrize("stage", DEMO_STAGES)
-def test_demo_stage_fit_and_test(stage: str, synthetic_root: Path, tmp_path: Path) -> None:
-    _fit_and_test(
-        stage, synthetic_root, tmp_path, ["--model.init_args.num_points=256"] if "pos" in stage else []
-    )
+def test_demo_stage_fit_and_test(
+    stage: str, synthetic_root: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if "pos" in stage:
+        extra = ["--model.init_args.num_points=256"]
+    else:  # the stage-2 demo repeats no POS sizes: it needs its stage-1 checkpoint
+        extra = [f"--model.init_args.stage1_checkpoint={request.getfixturevalue('stage1_ckpt')}"]
+    _fit_and_test(stage, synthetic_root, tmp_path, extra)
 
 
 @pytest.mark.slow

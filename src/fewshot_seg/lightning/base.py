@@ -228,6 +228,11 @@ class EpisodeModule(pl.LightningModule):
         metric = self._metrics("test")[self.metric_names[0]]
         dm = getattr(self.trainer, "datamodule", None)
         names = {c: dm.class_name(c) for c in metric.class_ids} if hasattr(dm, "class_name") else {}
+        # compute() syncs the states only while computing and then restores this process's own
+        # counts; the episode counts are read in a sync of their own so that under DDP they cover
+        # every process's shard, not rank 0's alone (a no-op in a single process).
+        with metric.sync_context():
+            class_episodes = metric.class_episodes()
         summary = {
             "stage": self.stage,
             "dataset": getattr(dm, "name", type(dm).__name__) if dm is not None else None,
@@ -240,7 +245,7 @@ class EpisodeModule(pl.LightningModule):
             "baseline_miou": float(results["baseline"]["miou"]) if "baseline" in results else None,
             "baseline_fbiou": float(results["baseline"]["fbiou"]) if "baseline" in results else None,
             "class_iou": {str(c): float(v) for c, v in main["class_iou"].items()},
-            "class_episodes": {str(c): n for c, n in metric.class_episodes().items()},
+            "class_episodes": {str(c): n for c, n in class_episodes.items()},
             "class_names": {str(c): n for c, n in names.items()},
             "wall_time_s": wall,
         }

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import STAGE_KEY, EpisodeModule
+from fewshot_seg.lightning.pos_module import POSModule
 from fewshot_seg.models.convert import CheckpointMismatchError, load_reference_checkpoint
 from fewshot_seg.models.criterion import MaskMatchingCriterion
 from fewshot_seg.models.mask_matching import MaskMatching
@@ -28,6 +31,13 @@ _STAGE1_HPARAMS = (
     "dec_ffn",
     "norm_groups",
 )
+"""Backbone/POS architecture settings stage 2 shares with stage 1 (POSModule arguments of the same name)."""
+
+
+def paper_architecture() -> dict[str, Any]:
+    """The paper's backbone/POS settings: POSModule's defaults (one source of truth for both stages)."""
+    params = inspect.signature(POSModule.__init__).parameters
+    return {k: params[k].default for k in _STAGE1_HPARAMS}
 
 
 class Stage1CheckpointError(ValueError):
@@ -36,13 +46,74 @@ class Stage1CheckpointError(ValueError):
 
 def _read(path: str | Path) -> Mapping:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise Stage1CheckpointError(f"stage1_checkpoint {str(path)!r} does not exist") from err
     except Exception as err:  # unpickling errors come in several types
         raise Stage1CheckpointError(
             f"stage1_checkpoint {str(path)!r} is not a readable checkpoint: {err}"
         ) from err
+    if not isinstance(ckpt, Mapping):
+        raise Stage1CheckpointError(
+            f"stage1_checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint"
+        )
+    return ckpt
+
+
+def _is_lightning(ckpt: Mapping) -> bool:
+    return "state_dict" in ckpt and ("pytorch-lightning_version" in ckpt or STAGE_KEY in ckpt)
+
+
+def _check_lightning_stage(ckpt: Mapping, path: str) -> None:
+    state: Mapping[str, Tensor] = ckpt["state_dict"]
+    stage = ckpt.get(STAGE_KEY) or ("mm" if any(k.startswith("mm.") for k in state) else "pos")
+    if stage != "pos":
+        raise Stage1CheckpointError(
+            f"stage1_checkpoint {path!r} is a stage-2 ({stage!r}, MMModule) checkpoint; it expects a "
+            "stage-1 POSModule checkpoint. To continue a stage-2 run use --ckpt_path instead."
+        )
+    if not any(k.startswith("pos.") for k in state):
+        raise Stage1CheckpointError(f"stage1_checkpoint {path!r} holds no POS weights (no 'pos.*' keys)")
+
+
+def resolve_architecture(
+    given: Mapping[str, Any], ckpt: Mapping | None = None, path: str = ""
+) -> dict[str, Any]:
+    """Backbone/POS settings of stage 2: the stage-1 run's, unless none is recorded.
+
+    Args:
+        given: the MMModule arguments of :data:`_STAGE1_HPARAMS`; None means "not set".
+        ckpt: the loaded stage-1 checkpoint, or None.
+        path: its path, for messages.
+
+    Returns:
+        A value for every setting: from a POSModule checkpoint's saved hyper-parameters where it
+        records them, else the given value, else the paper default (reference checkpoints and no
+        checkpoint record nothing; their shapes are checked when the weights load).
+
+    Raises:
+        Stage1CheckpointError: a given value differs from the one the stage-1 run was trained with
+            (the weights could not be used as configured, or would be used under a wrong name).
+    """
+    recorded: Mapping[str, Any] = {}
+    if ckpt is not None and _is_lightning(ckpt):
+        recorded = ckpt.get("hyper_parameters") or {}
+    paper = paper_architecture()
+    arch, conflicts = {}, []
+    for k in _STAGE1_HPARAMS:
+        if k in recorded and recorded[k] is not None:
+            arch[k] = recorded[k]
+            if given.get(k) is not None and given[k] != recorded[k]:
+                conflicts.append(f"{k}: {recorded[k]!r} (checkpoint) vs {given[k]!r} (model)")
+        else:
+            arch[k] = given[k] if given.get(k) is not None else paper[k]
+    if conflicts:
+        raise Stage1CheckpointError(
+            f"stage1_checkpoint {path!r} was trained with other backbone/POS settings than this model "
+            f"sets: {'; '.join(conflicts)}. Leave these settings unset (null): stage 2 takes them "
+            "from the stage-1 checkpoint."
+        )
+    return arch
 
 
 class MMModule(EpisodeModule):
@@ -52,23 +123,30 @@ class MMModule(EpisodeModule):
     oracle (best proposal by soft IoU against the GT) and the heuristic baseline (the proposal with
     the highest cosine similarity to the support prototype, no learnable matching).
 
+    The backbone/POS settings (``backbone``, ``num_queries`` ... ``norm_groups``) default to None =
+    "the stage-1 run's": a POSModule checkpoint records them in its hyper-parameters and they are
+    taken from there, so they are never repeated by hand; a value set here must equal the recorded
+    one (else :class:`Stage1CheckpointError` names the setting). With a reference checkpoint or
+    none, None means the paper setting (POSModule's defaults). The resolved values are stored in
+    this module's hyper-parameters, so a stage-2 checkpoint is self-describing.
+
     Args:
         stage1_checkpoint: the stage-1 weights: a ``POSModule`` Lightning checkpoint (stage and
             shapes are checked) or a reference detectron2-style MM-Former state dict (if that one also
             holds Mask Matching weights, e.g. a released stage-2 model, they are loaded too). None
             leaves the POS random (tests only). Read again whenever the module is built, also when
             resuming with ``--ckpt_path`` (whose weights then replace it).
-        backbone: torchvision ResNet name; must match the stage-1 run.
+        backbone: torchvision ResNet name.
         backbone_weights: backbone initialisation when no ``stage1_checkpoint`` is given
             (``"imagenet"``, a file, or None); ignored otherwise, as the checkpoint holds the backbone.
-        num_queries: N proposals (must match stage 1).
-        pos_dim: POS width (must match stage 1).
-        pos_heads: POS attention heads (must match stage 1).
-        enc_layers: POS encoder layers (must match stage 1).
-        enc_ffn: POS encoder FFN width (must match stage 1).
-        dec_layers: POS decoder layers (must match stage 1).
-        dec_ffn: POS decoder FFN width (must match stage 1).
-        norm_groups: POS GroupNorm groups (must match stage 1).
+        num_queries: N proposals.
+        pos_dim: POS width.
+        pos_heads: POS attention heads.
+        enc_layers: POS encoder layers.
+        enc_ffn: POS encoder FFN width.
+        dec_layers: POS decoder layers.
+        dec_ffn: POS decoder FFN width.
+        norm_groups: POS GroupNorm groups.
         mm_dim: Mask Matching width (1x1 reductions, Cross-Alignment).
         mm_heads: Cross-Alignment heads.
         mm_ffn: Cross-Alignment FFN width.
@@ -93,16 +171,16 @@ class MMModule(EpisodeModule):
     def __init__(
         self,
         stage1_checkpoint: str | None = None,
-        backbone: str = "resnet50",
+        backbone: str | None = None,
         backbone_weights: str | None = "imagenet",
-        num_queries: int = 100,
-        pos_dim: int = 256,
-        pos_heads: int = 8,
-        enc_layers: int = 6,
-        enc_ffn: int = 1024,
-        dec_layers: int = 9,
-        dec_ffn: int = 2048,
-        norm_groups: int = 32,
+        num_queries: int | None = None,
+        pos_dim: int | None = None,
+        pos_heads: int | None = None,
+        enc_layers: int | None = None,
+        enc_ffn: int | None = None,
+        dec_layers: int | None = None,
+        dec_ffn: int | None = None,
+        norm_groups: int | None = None,
         mm_dim: int = 256,
         mm_heads: int = 4,
         mm_ffn: int = 512,
@@ -120,18 +198,28 @@ class MMModule(EpisodeModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        path = str(stage1_checkpoint) if stage1_checkpoint else ""
+        # Read once: the architecture comes from it before any layer is built.
+        ckpt = _read(path) if path else None
+        if ckpt is not None and _is_lightning(ckpt):
+            _check_lightning_stage(ckpt, path)
+        given = {k: self.hparams[k] for k in _STAGE1_HPARAMS}
+        arch = resolve_architecture(given, ckpt, path)
+        # Recorded in the hyper-parameters (hence in stage-2 checkpoints): --ckpt_path and
+        # load_from_checkpoint rebuild the same shapes, and the stage-1 file is re-checked against them.
+        self.hparams.update(arch)
         self._build_backbone_and_pos(
-            backbone,
-            None if stage1_checkpoint else backbone_weights,
+            arch["backbone"],
+            None if ckpt is not None else backbone_weights,
             True,
-            num_queries,
-            pos_dim,
-            pos_heads,
-            enc_layers,
-            enc_ffn,
-            dec_layers,
-            dec_ffn,
-            norm_groups,
+            arch["num_queries"],
+            arch["pos_dim"],
+            arch["pos_heads"],
+            arch["enc_layers"],
+            arch["enc_ffn"],
+            arch["dec_layers"],
+            arch["dec_ffn"],
+            arch["norm_groups"],
         )
         ch = self.backbone.out_channels
         self.mm = MaskMatching(
@@ -140,38 +228,36 @@ class MMModule(EpisodeModule):
             nhead=mm_heads,
             dim_feedforward=mm_ffn,
             num_layers=mm_layers,
-            num_proposals=num_queries,
+            num_proposals=arch["num_queries"],
             matching_hidden=matching_hidden,
             kv_min_size=kv_min_size,
         )
         self.criterion = MaskMatchingCriterion(dice_weight=dice_weight, contrastive_weight=contrastive_weight)
-        if stage1_checkpoint:
-            self.load_stage1(stage1_checkpoint)
+        if ckpt is not None:
+            self._load_stage1_state(ckpt, path)
         self._freeze_now()
 
     # ------------------------------------------------------------------ stage-1 weights
     def load_stage1(self, path: str | Path) -> None:
-        """Load backbone + POS from a stage-1 checkpoint; :class:`Stage1CheckpointError` names problems."""
+        """Load backbone + POS from a stage-1 checkpoint; :class:`Stage1CheckpointError` names problems.
+
+        The checkpoint must fit this module's (already built) shapes; its recorded settings are
+        checked against this module's as at construction.
+        """
         ckpt = _read(path)
-        if not isinstance(ckpt, Mapping):
-            raise Stage1CheckpointError(
-                f"stage1_checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint"
-            )
-        if "state_dict" in ckpt and ("pytorch-lightning_version" in ckpt or STAGE_KEY in ckpt):
-            self._load_lightning_stage1(ckpt, str(path))
+        if _is_lightning(ckpt):
+            _check_lightning_stage(ckpt, str(path))
+            resolve_architecture({k: self.hparams[k] for k in _STAGE1_HPARAMS}, ckpt, str(path))
+        self._load_stage1_state(ckpt, str(path))
+
+    def _load_stage1_state(self, ckpt: Mapping, path: str) -> None:
+        if _is_lightning(ckpt):
+            self._load_lightning_stage1(ckpt, path)
         else:
-            self._load_reference(ckpt, str(path))
+            self._load_reference(ckpt, path)
 
     def _load_lightning_stage1(self, ckpt: Mapping, path: str) -> None:
         state: Mapping[str, Tensor] = ckpt["state_dict"]
-        stage = ckpt.get(STAGE_KEY) or ("mm" if any(k.startswith("mm.") for k in state) else "pos")
-        if stage != "pos":
-            raise Stage1CheckpointError(
-                f"stage1_checkpoint {path!r} is a stage-2 ({stage!r}, MMModule) checkpoint; it expects a "
-                "stage-1 POSModule checkpoint. To continue a stage-2 run use --ckpt_path instead."
-            )
-        if not any(k.startswith("pos.") for k in state):
-            raise Stage1CheckpointError(f"stage1_checkpoint {path!r} holds no POS weights (no 'pos.*' keys)")
         # BatchNorm step counters mean nothing to the frozen backbone (FrozenBatchNorm2d has none).
         theirs = {
             k: v
@@ -187,12 +273,8 @@ class MMModule(EpisodeModule):
         missing = [k for k in ours if k not in theirs]
         unexpected = [k for k in theirs if k not in ours]
         if mismatched or missing or unexpected:
-            hp = ckpt.get("hyper_parameters", {}) or {}
-            trained = {k: hp[k] for k in _STAGE1_HPARAMS if k in hp}
-            mine = {k: self.hparams[k] for k in _STAGE1_HPARAMS}
-            diff = {
-                k: f"{trained[k]} (checkpoint) vs {mine[k]} (model)" for k in trained if trained[k] != mine[k]
-            }
+            # Settings recorded in the checkpoint were taken from it, so this means it records
+            # none (or not all): name the keys, and say which sizes to set by hand.
             parts = []
             for title, names in (
                 ("shape mismatches", mismatched),
@@ -205,16 +287,12 @@ class MMModule(EpisodeModule):
                         + "; ".join(names[:5])
                         + (" ..." if len(names) > 5 else "")
                     )
-            hint = (
-                f" Differing settings: {diff}. Set the same values in the model's init_args."
-                if diff
-                else " Set the model's backbone/POS sizes to those of the stage-1 run."
-            )
+            mine = {k: self.hparams[k] for k in _STAGE1_HPARAMS}
             raise Stage1CheckpointError(
                 f"stage1_checkpoint {path!r} does not fit this model's backbone/POS shapes: "
                 + " | ".join(parts)
-                + "."
-                + hint
+                + f". The checkpoint does not record all its settings; this model uses {mine}: set the "
+                "model's backbone/POS sizes to those of the stage-1 run."
             )
         self.load_state_dict(theirs, strict=False)
 

@@ -24,6 +24,10 @@ class POSModule(EpisodeModule):
             network), a local weights file, or None (random init).
         freeze_backbone: no gradients and frozen BatchNorm statistics in the backbone (paper). Set
             False only when there are no pretrained weights (e.g. the CPU demo with resnet18).
+        frozen_bn: backbone norm layers as ``FrozenBatchNorm2d`` (fixed statistics and affine, as
+            detectron2) instead of ``nn.BatchNorm2d``. None = the same as ``freeze_backbone``. With
+            ``freeze_backbone=True, frozen_bn=False`` the backbone keeps real BatchNorm layers whose
+            statistics stay fixed only because the freezing callback holds them in eval mode.
         backbone_lr_mult: learning-rate multiplier of a trainable backbone.
         num_queries: N proposals.
         pos_dim: width of the pixel decoder, mask features and transformer decoder.
@@ -56,6 +60,7 @@ class POSModule(EpisodeModule):
         backbone: str = "resnet50",
         backbone_weights: str | None = "imagenet",
         freeze_backbone: bool = True,
+        frozen_bn: bool | None = None,
         backbone_lr_mult: float = 0.1,
         num_queries: int = 100,
         pos_dim: int = 256,
@@ -81,11 +86,11 @@ class POSModule(EpisodeModule):
         super().__init__()
         self.save_hyperparameters()
         self.frozen_modules = ("backbone",) if freeze_backbone else ()
-        # FrozenBatchNorm2d for a frozen backbone; trainable BatchNorm otherwise.
+        # Default: FrozenBatchNorm2d for a frozen backbone, trainable BatchNorm otherwise.
         self._build_backbone_and_pos(
             backbone,
             backbone_weights,
-            freeze_backbone,
+            freeze_backbone if frozen_bn is None else frozen_bn,
             num_queries,
             pos_dim,
             pos_heads,

@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention: golden core parity, loop reference, module behaviour, fp32."""
+"""Multi-scale deformable attention: golden core parity of every implementation, agreement between them
+(outputs and all three gradients), implementation choice, module behaviour, fp32."""
 
 from pathlib import Path
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 
 from fewshot_seg.models import ms_deform_attn as msda
-from fewshot_seg.models.ms_deform_attn import MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_loop
+from fewshot_seg.models.ms_deform_attn import (
+    IMPL_ENV,
+    IMPLEMENTATIONS,
+    MSDeformAttn,
+    default_impl,
+    ms_deform_attn_core,
+    ms_deform_attn_core_gather,
+)
 
 GOLDEN_PATH = Path(__file__).parent / "data" / "golden" / "msdeform_attn_core.pt"
 
@@ -21,33 +29,116 @@ def _random_inputs(n=2, m=3, d=4, lq=7, shapes=((5, 6), (3, 2), (1, 4)), p=3, se
     return value.to(device), torch.tensor(shapes).to(device), loc.to(device), weights.to(device)
 
 
-def test_core_matches_golden_output_and_grads() -> None:
+def _with_grads(impl: str, value, shapes, loc, weights, upstream=None):
+    """Output and gradients w.r.t. (value, locations, weights) of ``sum(out * upstream)``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, weights)]
+    out = ms_deform_attn_core(leaves[0], shapes, leaves[1], leaves[2], impl=impl)
+    if upstream is None:  # a non-uniform upstream gradient, so that every output element matters
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * upstream).sum().backward()
+    return out.detach(), *(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_core_matches_golden_output_and_grads(impl: str) -> None:
     data = torch.load(GOLDEN_PATH, weights_only=True)
     inp = data["inputs"]
-    value = inp["value"].clone().requires_grad_()
-    loc = inp["sampling_locations"].clone().requires_grad_()
-    weights = inp["attention_weights"].clone().requires_grad_()
-    out = ms_deform_attn_core(value, inp["spatial_shapes"], loc, weights)
+    out, *grads = _with_grads(
+        impl,
+        inp["value"],
+        inp["spatial_shapes"],
+        inp["sampling_locations"],
+        inp["attention_weights"],
+        data["grads"]["upstream"],
+    )
     torch.testing.assert_close(out, data["outputs"]["output"], atol=1e-5, rtol=1e-4)
-    (out * data["grads"]["upstream"]).sum().backward()
-    for tensor, name in ((value, "value"), (loc, "sampling_locations"), (weights, "attention_weights")):
-        torch.testing.assert_close(tensor.grad, data["grads"][name], atol=1e-4, rtol=1e-3, msg=name)
+    for grad, name in zip(grads, ("value", "sampling_locations", "attention_weights")):
+        torch.testing.assert_close(grad, data["grads"][name], atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_loop_reference_matches_vectorised_core() -> None:
-    value, shapes, loc, weights = _random_inputs()
-    fast = ms_deform_attn_core(value, shapes, loc, weights)
-    slow = ms_deform_attn_core_loop(value, [tuple(s) for s in shapes.tolist()], loc, weights)
-    assert fast.shape == (2, 7, 12)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize(
+    ("n", "shapes", "p", "seed"),
+    [
+        (2, ((5, 6), (3, 2), (1, 4)), 3, 0),  # non-square levels, a 1-row level
+        (3, ((7, 3), (4, 9)), 2, 1),
+        (1, ((6, 6),), 4, 2),
+    ],
+)
+def test_all_implementations_agree(n, shapes, p, seed) -> None:
+    # Locations in [-0.2, 1.2]: points outside the image, partly outside, and inside, on every level.
+    value, shapes_t, loc, weights = _random_inputs(n=n, shapes=shapes, p=p, seed=seed)
+    results = {impl: _with_grads(impl, value, shapes_t, loc, weights) for impl in IMPLEMENTATIONS}
+    ref = results["loop"]
+    assert ref[0].shape == (n, 7, 3 * 4)
+    for impl, res in results.items():
+        for got, want, name in zip(res, ref, ("output", "value", "locations", "weights")):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"{impl}: {name}")
 
 
-def test_core_samples_pixel_centres_exactly() -> None:
+def test_gather_gradcheck_float64() -> None:
+    value, shapes, loc, weights = _random_inputs(n=2, m=2, d=3, lq=4, shapes=((3, 4), (2, 1)), p=2, seed=3)
+    args = [t.double().requires_grad_() for t in (value, loc, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, sl, aw: ms_deform_attn_core_gather(v, shapes, sl, aw), args, eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_far_outside_and_nonfinite_locations_read_zeros(impl: str) -> None:
+    value, shapes, loc, weights = _random_inputs(n=1, lq=3)
+    loc[0, 0] = -5.0  # far outside every level
+    loc[0, 1] = 1e4
+    out, _, grad_loc, grad_w = _with_grads(impl, value, shapes, loc, weights)
+    assert out[0, :2].abs().max() == 0
+    assert grad_loc[0, :2].abs().max() == 0 and grad_w[0, :2].abs().max() == 0
+    assert out[0, 2].abs().max() > 0
+    if impl == "gather":  # NaN/inf locations must not index outside the table (nor touch other queries)
+        loc[0, 0, 0, 0, 0] = float("nan")
+        loc[0, 1, 0, 0, 0] = float("inf")
+        out_nonfinite = ms_deform_attn_core_gather(value, shapes, loc, weights)
+        torch.testing.assert_close(out_nonfinite[0, 2], out[0, 2])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_core_samples_pixel_centres_exactly(impl: str) -> None:
     # A location at the centre of pixel (i, j) must return exactly that pixel (align_corners=False).
     value = torch.arange(12.0).view(1, 12, 1, 1)  # one level 3x4, one head, D=1
     loc = torch.tensor([[(2 + 0.5) / 4, (1 + 0.5) / 3]]).view(1, 1, 1, 1, 1, 2)
-    out = ms_deform_attn_core(value, [(3, 4)], loc, torch.ones(1, 1, 1, 1, 1))
+    out = ms_deform_attn_core(value, [(3, 4)], loc, torch.ones(1, 1, 1, 1, 1), impl=impl)
     assert out.item() == pytest.approx(1 * 4 + 2)
+    # Half a pixel beyond the last centre: half of the border pixel, half zero padding.
+    loc = torch.tensor([[1.0, (1 + 0.5) / 3]]).view(1, 1, 1, 1, 1, 2)
+    out = ms_deform_attn_core(value, [(3, 4)], loc, torch.ones(1, 1, 1, 1, 1), impl=impl)
+    assert out.item() == pytest.approx(0.5 * 7)
+
+
+def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(IMPL_ENV, raising=False)
+    assert default_impl(torch.device("cpu")) == "gather"
+    assert default_impl(torch.device("cuda")) == "grid_sample"
+    monkeypatch.setenv(IMPL_ENV, "loop")
+    assert default_impl(torch.device("cpu")) == "loop"
+    monkeypatch.setenv(IMPL_ENV, "fast")
+    with pytest.raises(ValueError, match=IMPL_ENV):
+        default_impl(torch.device("cpu"))
+    value, shapes, loc, weights = _random_inputs()
+    with pytest.raises(ValueError, match="unknown implementation"):
+        ms_deform_attn_core(value, shapes, loc, weights, impl="fast")
+
+
+def test_gather_keeps_half_precision_dtype_and_runs_under_autocast() -> None:
+    value, shapes, loc, weights = _random_inputs()
+    ref = ms_deform_attn_core_gather(value, shapes, loc, weights)
+    out = ms_deform_attn_core_gather(value.bfloat16(), shapes, loc, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    leaf = value.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn_core_gather(leaf, shapes, loc, weights)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.dtype == torch.float32
 
 
 def test_module_init_and_shapes() -> None:
@@ -97,8 +188,15 @@ def test_runs_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_core_on_gpu_matches_cpu() -> None:
+@pytest.mark.parametrize("impl", [None, *IMPLEMENTATIONS])
+def test_core_on_gpu_matches_cpu(impl: str | None) -> None:
     value, shapes, loc, weights = _random_inputs()
-    cpu = ms_deform_attn_core(value, shapes, loc, weights)
-    gpu = ms_deform_attn_core(value.cuda(), shapes.cuda(), loc.cuda(), weights.cuda())
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-4)
+    cpu = _with_grads("loop", value, shapes, loc, weights)
+    gpu = _with_grads(impl, value.cuda(), shapes.cuda(), loc.cuda(), weights.cuda(), _gpu_upstream(cpu[0]))
+    for got, want in zip(gpu, cpu):
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+
+
+def _gpu_upstream(out: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient :func:`_with_grads` draws for ``out``, on the GPU."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).cuda()

@@ -1,22 +1,43 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
-The core samples every level with one bilinear ``grid_sample`` call covering all heads and points
-(``align_corners=False``, zeros outside), so it runs on CPU and GPU without a compiled extension and
-computes the same function as the reference CUDA op. Everything here runs in float32, also under
-autocast: sampling locations are sub-pixel coordinates and the softmax over few points is sensitive
-to half precision.
+Three implementations of the same core function (bilinear sampling with ``align_corners=False`` and zeros
+outside, weighted by the attention weights; gradients w.r.t. values, sampling locations and attention
+weights), none of which needs a compiled extension:
+
+* ``"gather"`` (:func:`ms_deform_attn_core_gather`, default on CPU): one ``embedding_bag`` over the values of
+  all levels, one bag of ``L*P*4`` bilinear neighbours per (query, head), with a hand-written backward.
+* ``"grid_sample"`` (:func:`ms_deform_attn_core_grid_sample`, default on CUDA and other devices): one
+  ``grid_sample`` per level covering all heads and points.
+* ``"loop"`` (:func:`ms_deform_attn_core_loop`): the straightforward per-level reference (Deformable
+  DETR's ``ms_deform_attn_core_pytorch``); kept for tests and as the benchmark baseline.
+
+:func:`ms_deform_attn_core` picks one by device; ``impl=`` or the environment variable
+``FEWSHOT_SEG_MSDA_IMPL`` forces one. Everything in :class:`MSDeformAttn` runs in float32, also under
+autocast: sampling locations are sub-pixel coordinates and the softmax over few points is sensitive to half
+precision.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 SpatialShapes = Tensor | Sequence[Sequence[int]]
+
+IMPLEMENTATIONS = ("gather", "grid_sample", "loop")
+IMPL_ENV = "FEWSHOT_SEG_MSDA_IMPL"
+
+# Zero border (pixels) around every level in the gather table. The top-left neighbour is clamped to
+# [-2, W] x [-2, H]; a clamped point then has both neighbours of that axis in the border, so it reads zeros
+# and gets zero gradient exactly like an out-of-range point of grid_sample, and no validity masks are needed.
+_PAD = 2
 
 
 def _shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
@@ -25,11 +46,25 @@ def _shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
+def default_impl(device: torch.device) -> str:
+    """Implementation :func:`ms_deform_attn_core` uses on ``device`` (``FEWSHOT_SEG_MSDA_IMPL`` overrides)."""
+    forced = os.environ.get(IMPL_ENV, "").strip()
+    if forced:
+        if forced not in IMPLEMENTATIONS:
+            raise ValueError(f"{IMPL_ENV}={forced!r}; choose from {IMPLEMENTATIONS}")
+        return forced
+    # gather (embedding_bag + an SDDMM) is the fastest on CPU (benchmarks/model_speed.py). On GPUs one
+    # grid_sample per level is a few large kernels whose backward scatters with atomics, where the gather
+    # backward needs a sort; not measured on a GPU yet, so that default is a judgement call.
+    return "gather" if device.type == "cpu" else "grid_sample"
+
+
 def ms_deform_attn_core(
     value: Tensor,
     spatial_shapes: SpatialShapes,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    impl: str | None = None,
 ) -> Tensor:
     """Weighted sum of bilinear samples taken at the sampling locations of every level.
 
@@ -37,12 +72,60 @@ def ms_deform_attn_core(
         value: ``[N, S, M, D]`` (S = sum_l H_l*W_l, levels concatenated, each row-major ``H x W``;
             M heads of D channels).
         spatial_shapes: ``[L, 2]`` (H_l, W_l) as a tensor or a sequence of pairs.
-        sampling_locations: ``[N, Lq, M, L, P, 2]`` in [0, 1], last dim (x, y); pixel j has centre
-            (j + 0.5) / W.
+        sampling_locations: ``[N, Lq, M, L, P, 2]`` normalised, last dim (x, y); pixel j has centre
+            (j + 0.5) / W; points outside [0, 1] read zeros beyond the border.
         attention_weights: ``[N, Lq, M, L, P]`` (already normalised over L*P).
+        impl: ``"gather"``, ``"grid_sample"`` or ``"loop"``; None = :func:`default_impl` of the device.
 
     Returns:
         ``[N, Lq, M*D]``, channel = head * D + d.
+    """
+    impl = impl or default_impl(value.device)
+    if impl == "gather":
+        return ms_deform_attn_core_gather(value, spatial_shapes, sampling_locations, attention_weights)
+    if impl == "grid_sample":
+        return ms_deform_attn_core_grid_sample(value, spatial_shapes, sampling_locations, attention_weights)
+    if impl == "loop":
+        return ms_deform_attn_core_loop(value, spatial_shapes, sampling_locations, attention_weights)
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+
+
+def ms_deform_attn_core_loop(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Straightforward per-level reference (Deformable DETR's pure-PyTorch ``ms_deform_attn_core_pytorch``).
+
+    One ``grid_sample`` per level with the heads folded into the batch, then the weighted sum over all
+    levels and points at once. Same arguments and result as :func:`ms_deform_attn_core`; kept for tests and
+    as the baseline of ``benchmarks/model_speed.py``.
+    """
+    shapes = _shapes_as_list(spatial_shapes)
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)  # [N*M, D, H, W]
+        grid = sampling_grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
+        sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_core_grid_sample(
+    value: Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """One ``grid_sample`` per level covering all heads and points (the GPU path).
+
+    Same arguments and result as :func:`ms_deform_attn_core`.
     """
     shapes = _shapes_as_list(spatial_shapes)
     n, _, m, d = value.shape
@@ -54,15 +137,14 @@ def ms_deform_attn_core(
     for lvl, (h, w) in enumerate(shapes):
         # Heads fold into the batch so one grid_sample serves all heads and points of the level. The value
         # map is channels-last (a view after one copy): the 4 corners of a sample then read D adjacent
-        # floats instead of D scattered planes (fewer cache lines on CPU).
+        # floats instead of D scattered planes.
         v = value_per_level[lvl].transpose(1, 2).reshape(n * m, h, w, d).permute(0, 3, 1, 2)
         # Points before queries, so the weighted sum below reduces over a non-innermost dim. contiguous():
         # grid_sample is several times slower on a strided grid.
         g = grids[:, :, :, lvl].permute(0, 2, 3, 1, 4).reshape(n * m, num_points, lq, 2).contiguous()
         sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # sampled [N*M, D, P, Lq]; weights [N*M, 1, P, Lq]. The weighted sum over P accumulates in place:
-        # (sampled * wts).sum(2) would materialise another [N*M, D, P, Lq] tensor, which made it the most
-        # expensive step on CPU (page faults on large temporaries), ~5x slower than these P addcmuls.
+        # sampled [N*M, D, P, Lq]; weights [N*M, 1, P, Lq]. The weighted sum over P accumulates in place
+        # instead of materialising another [N*M, D, P, Lq] product.
         wts = attention_weights[:, :, :, lvl].permute(0, 2, 3, 1).reshape(n * m, 1, num_points, lq)
         for pt in range(num_points):
             if out is None:
@@ -73,33 +155,217 @@ def ms_deform_attn_core(
     return out.reshape(n, m * d, lq).transpose(1, 2).contiguous()
 
 
-def ms_deform_attn_core_loop(
+def _level_layout(shapes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+    """Start of every level in the flattened values and in the padded gather table, and the table length."""
+    starts, padded_starts = [], []
+    s = sp = 0
+    for h, w in shapes:
+        starts.append(s)
+        padded_starts.append(sp)
+        s += h * w
+        sp += (h + 2 * _PAD) * (w + 2 * _PAD)
+    return starts, padded_starts, sp
+
+
+class _GatherCore(torch.autograd.Function):
+    """Bilinear multi-scale sampling as one weighted ``embedding_bag`` (:func:`ms_deform_attn_core_gather`).
+
+    Notation: B = N*Lq*M bags (one per query and head, in output order), LP = L*P points per bag,
+    K = 4*LP neighbours per bag ordered (neighbour, point), R = N*M*Sp rows of the padded table.
+    Per-point tensors are kept planar (``[B, 2, LP]`` rather than ``[B, LP, 2]``): elementwise ops that
+    broadcast over a last dim of 2 run ~10x slower on CPU than over a last dim of LP.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        value: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+        shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        n, s, m, d = value.shape
+        _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+        device, dtype = value.device, value.dtype
+        starts, padded_starts, sp = _level_layout(shapes)
+        rows = n * m * sp
+        index_dtype = torch.int32 if rows < 2**31 else torch.int64
+        bags, lp = n * lq * m, num_levels * num_points
+
+        # Table [N, M, Sp, D]: row (n, m, start'_l + (y + PAD) * (W + 2 PAD) + x + PAD) holds
+        # value[n, start_l + y*W + x, m]; a D-row per pixel, so a neighbour is one contiguous read.
+        table = value.new_zeros(n, m, sp, d)
+        for (h, w), s0, sp0 in zip(shapes, starts, padded_starts):
+            hp, wp = h + 2 * _PAD, w + 2 * _PAD
+            dst = table[:, :, sp0 : sp0 + hp * wp].view(n, m, hp, wp, d)[
+                :, :, _PAD : _PAD + h, _PAD : _PAD + w
+            ]
+            dst.copy_(value[:, s0 : s0 + h * w].view(n, h, w, m, d).permute(0, 3, 1, 2, 4))
+        table = table.view(rows, d)
+
+        # Per-point constants [2, LP]: row 0 for x (width), row 1 for y (height).
+        consts = torch.tensor([[w, h, w + 2 * _PAD, sp0] for (h, w), sp0 in zip(shapes, padded_starts)])
+        consts = consts.repeat_interleave(num_points, dim=0).t().to(device)  # [4, LP]
+        size = consts[:2].to(dtype)  # (W_l, H_l)
+        # Pixel coordinate in the padded frame: x*W - 0.5 (align_corners=False) + PAD.
+        pix = torch.empty(bags, 2, lp, dtype=dtype, device=device)
+        torch.addcmul(
+            torch.full_like(size, _PAD - 0.5),
+            sampling_locations.view(bags, lp, 2).transpose(1, 2),
+            size,
+            out=pix,
+        )
+        # Top-left neighbour, clamped to [0, W + PAD]: a clamped point then has both neighbours of that axis
+        # in the zero border (see _PAD). Truncation differs from floor only below 0, where it is clamped
+        # anyway, and clamping the integers (not the floats) also maps NaN/inf locations into the border.
+        corner = pix.to(index_dtype).clamp_(min=0)
+        corner = torch.minimum(corner, (consts[:2] + _PAD).to(index_dtype), out=corner)
+        frac = torch.frac(pix)  # [B, 2, LP]; used only where the neighbours are not all border zeros
+
+        wpad, level_start = consts[2].to(index_dtype), consts[3].to(index_dtype)
+        top_left = torch.addcmul(corner[:, 0], corner[:, 1], wpad)  # x + y*W' within the level, [B, LP]
+        # + level start + (n, m) block start: a tiny [N, 1, M, LP] tensor broadcast over the queries.
+        block = torch.arange(n * m, dtype=index_dtype, device=device).view(n, 1, m, 1) * sp
+        top_left.view(n, lq, m, lp).add_(block + level_start)
+        # Neighbours (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1) at offsets 0, 1, W', W'+1.
+        offsets = torch.stack([torch.zeros_like(wpad), torch.ones_like(wpad), wpad, wpad + 1])  # [4, LP]
+        index = (top_left.unsqueeze(1) + offsets).view(bags, 4 * lp)
+
+        attn = attention_weights.reshape(bags, lp)
+        # Linear weights [B, 2 (x, y), 2 (neighbour 0, 1), LP] = (1 - f, f) in one op.
+        lin = torch.tensor([[1.0], [0.0]], dtype=dtype, device=device)
+        slope = torch.tensor([[-1.0], [1.0]], dtype=dtype, device=device)
+        axis_weights = torch.addcmul(lin, frac.unsqueeze(2), slope)
+        attn_y = axis_weights[:, 1] * attn.unsqueeze(1)  # [B, 2 (dy), LP]
+        weights = (attn_y.unsqueeze(2) * axis_weights[:, 0].unsqueeze(1)).view(bags, 4 * lp)
+
+        out = F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)  # [B, D]
+        ctx.save_for_backward(table, index, weights, frac, attn, size)
+        ctx.dims = (n, s, m, d, lq, num_levels, num_points)
+        ctx.shapes = shapes
+        return out.view(n, lq, m * d)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _GatherCore._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        table, index, weights, frac, attn, size = ctx.saved_tensors
+        n, s, m, d, lq, num_levels, num_points = ctx.dims
+        bags, lp = attn.shape
+        grad = grad_out.reshape(bags, d).to(table.dtype).contiguous()
+        grad_value = grad_loc = grad_attn = None
+
+        if ctx.needs_input_grad[0]:
+            grad_value = _scatter_rows(grad, index, weights, table.shape[0])
+            grad_value = _unpad_values(grad_value, ctx.shapes, n, s, m, d)
+
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # g[b, k] = <grad[b], table[index[b, k]]> for every neighbour: an SDDMM on the bag x row pattern
+            # (one fused gather-dot, ~6x faster than embedding_bag's per-sample-weight backward).
+            pattern = _csr_pattern(index, table.shape[0], table.dtype)
+            g = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view(bags, 4, lp)
+            g00, g01, g10, g11 = g.unbind(1)
+            fx, fy = frac.unbind(1)
+            # The bilinear form of the four neighbour gradients: its x and y slopes and its value at (fx, fy).
+            ex0 = g01 - g00
+            ey0 = g10 - g00
+            cross = g11 - g10 - ex0
+            slope_x = torch.addcmul(ex0, fy, cross)  # d sample / d fx
+            slope_y = torch.addcmul(ey0, fx, cross)  # d sample / d fy
+            if ctx.needs_input_grad[2]:
+                grad_attn = torch.addcmul(torch.addcmul(g00, fx, ex0), fy, slope_y)
+                grad_attn = grad_attn.view(n, lq, m, num_levels, num_points)
+            if ctx.needs_input_grad[1]:
+                # d fx / d x = W_l. Clamped points read only border zeros: their g's, hence slopes, are 0.
+                grad_loc = torch.empty(bags, lp, 2, dtype=grad.dtype, device=grad.device)
+                torch.mul(slope_x, attn, out=grad_loc[..., 0])
+                torch.mul(slope_y, attn, out=grad_loc[..., 1])
+                grad_loc = grad_loc.mul_(size.t()).view(n, lq, m, num_levels, num_points, 2)
+        return grad_value, grad_loc, grad_attn, None
+
+
+def _csr_pattern(index: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """``[B, K]`` neighbour indices as a ``[B, rows]`` CSR pattern (K entries per bag, zero values)."""
+    bags, k = index.shape
+    crow = torch.arange(0, bags * k + 1, k, dtype=index.dtype, device=index.device)
+    with warnings.catch_warnings():
+        # Sparse CSR is "beta" in torch; the only op used on it (sampled_addmm) is tested here.
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(
+            crow,
+            index.flatten(),
+            torch.zeros(bags * k, dtype=dtype, device=index.device),
+            size=(bags, rows),
+            check_invariants=False,
+        )
+
+
+def _scatter_rows(grad: Tensor, index: Tensor, weights: Tensor, rows: int) -> Tensor:
+    """``out[r] = sum_{(b, k): index[b, k] = r} weights[b, k] * grad[b]`` -> ``[rows, D]``.
+
+    The transpose of the forward embedding_bag, computed as another embedding_bag over the entries sorted
+    by row (one radix sort of int indices): a scatter-add without atomics or materialising ``[B*K, D]``.
+    embedding_bag's own backward does the same sort but then accumulates row by row, ~2x slower.
+    """
+    k = index.shape[1]
+    flat = index.flatten()
+    order = flat.sort().indices
+    counts = torch.bincount(flat, minlength=rows)
+    offsets = torch.cumsum(counts, 0).sub_(counts)  # exclusive prefix sum: first entry of every row
+    bag = torch.div(order, k, rounding_mode="floor")
+    return F.embedding_bag(
+        bag, grad, offsets, mode="sum", per_sample_weights=weights.view(-1).index_select(0, order)
+    )
+
+
+def _unpad_values(
+    grad_table: Tensor, shapes: list[tuple[int, int]], n: int, s: int, m: int, d: int
+) -> Tensor:
+    """Gradient of the padded ``[R, D]`` table back to the ``[N, S, M, D]`` value layout."""
+    starts, padded_starts, sp = _level_layout(shapes)
+    grad_table = grad_table.view(n, m, sp, d)
+    grad_value = grad_table.new_empty(n, s, m, d)
+    for (h, w), s0, sp0 in zip(shapes, starts, padded_starts):
+        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+        src = grad_table[:, :, sp0 : sp0 + hp * wp].view(n, m, hp, wp, d)[
+            :, :, _PAD : _PAD + h, _PAD : _PAD + w
+        ]
+        grad_value[:, s0 : s0 + h * w].view(n, h, w, m, d).copy_(src.permute(0, 2, 3, 1, 4))
+    return grad_value
+
+
+def ms_deform_attn_core_gather(
     value: Tensor,
     spatial_shapes: SpatialShapes,
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Straightforward per-level, per-head, per-point reference of :func:`ms_deform_attn_core`.
+    """Gather formulation (the CPU path): all levels, heads and points in one weighted ``embedding_bag``.
 
-    Same arguments and result; kept for tests and benchmarks only (M*L*P grid_sample calls instead of L).
+    The values of all levels form one table of D-rows, each level zero-padded by two pixels; every
+    (query, head) is one bag of its L*P*4 bilinear neighbours with per-sample weight bilinear weight x
+    attention weight. Nothing of size ``[.., L*P*4, D]`` is materialised. Backward: values by the transposed
+    bag sum (a sort of the indices), locations and attention weights from the neighbour dot products of an
+    SDDMM (``torch.sparse.sampled_addmm``). Same arguments and result as :func:`ms_deform_attn_core`;
+    float32 or float64. Not twice differentiable.
     """
     shapes = _shapes_as_list(spatial_shapes)
-    n, _, m, d = value.shape
-    _, lq, _, _, num_points, _ = sampling_locations.shape
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
-    heads = []
-    for head in range(m):
-        acc = value.new_zeros(n, d, lq)
-        for lvl, (h, w) in enumerate(shapes):
-            v = value_per_level[lvl][:, :, head].transpose(1, 2).reshape(n, d, h, w)
-            for pt in range(num_points):
-                g = 2.0 * sampling_locations[:, :, head, lvl, pt] - 1.0  # [N, Lq, 2]
-                s = F.grid_sample(
-                    v, g[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False
-                )
-                acc = acc + s[..., 0] * attention_weights[:, None, :, head, lvl, pt]
-        heads.append(acc)
-    return torch.cat(heads, dim=1).transpose(1, 2).contiguous()
+    if sum(h * w for h, w in shapes) != value.shape[1]:
+        raise ValueError("spatial_shapes do not add up to the length of value")
+    # Half-precision inputs are computed in float32 (sampled_addmm has no bf16/fp16 CPU kernel, and the
+    # sub-pixel fractions need the mantissa); the result comes back in the value's dtype.
+    dtype = value.dtype if value.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        out = _GatherCore.apply(
+            value.to(dtype),
+            sampling_locations.to(dtype).contiguous(),
+            attention_weights.to(dtype).contiguous(),
+            shapes,
+        )
+    return out.to(value.dtype)
 
 
 class MSDeformAttn(nn.Module):

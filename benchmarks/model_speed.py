@@ -1,0 +1,295 @@
+"""Model speed and memory: forward times of backbone / POS / MM, a training step of each stage, and the
+multi-scale deformable-attention core (every implementation) against the straightforward per-level loop.
+
+    python benchmarks/model_speed.py               # paper configuration at 480x480 + the CPU demo at 128
+    python benchmarks/model_speed.py --sizes 480 --repeats 3 --device cuda
+    python benchmarks/model_speed.py --only attn   # just the deformable-attention table
+
+Every time is the median of ``--repeats`` runs after one warm-up run. Each model row runs in a fresh
+(spawned) process, so its peak memory belongs to that row alone: on CPU the peak resident set size of that
+process (model, inputs and the Python/torch runtime included, ~0.3 GB of it), on CUDA
+``torch.cuda.max_memory_allocated``. Random weights (``weights=None``): speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fewshot_seg.models.backbone import build_backbone
+from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion, semantic_to_targets
+from fewshot_seg.models.mask_matching import MaskMatching
+from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
+from fewshot_seg.models.pos import PotentialObjectsSegmenter
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A named model size: the paper configuration or the small CPU demo one."""
+
+    name: str
+    backbone: str
+    pos_kwargs: dict = field(default_factory=dict)
+    mm_kwargs: dict = field(default_factory=dict)
+
+
+PAPER = ModelConfig("paper (R-50)", "resnet50")
+DEMO = ModelConfig(
+    "demo (R-18)",
+    "resnet18",
+    dict(
+        in_channels={"res2": 64, "res3": 128, "res4": 256, "res5": 512},
+        conv_dim=64,
+        mask_dim=64,
+        hidden_dim=64,
+        num_queries=100,
+        enc_layers=2,
+        enc_heads=4,
+        enc_ffn=128,
+        enc_points=4,
+        dec_layers=3,
+        dec_heads=4,
+        dec_ffn=256,
+    ),
+    dict(in_channels=(512, 256, 128), hidden_dim=64, nhead=4, dim_feedforward=128, num_proposals=100),
+)
+
+ROWS = (
+    "backbone fwd",
+    "POS fwd",
+    "MM fwd 1-shot",
+    "MM fwd 5-shot",
+    "stage-1 train step",
+    "stage-2 train step 1-shot",
+    "stage-2 train step 5-shot",
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (allocator, lazy init, cudnn autotune)."""
+    if warmup:
+        fn()
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _split_shots(feats: dict[str, torch.Tensor], shot: int) -> list[dict[str, torch.Tensor]]:
+    """Features of ``[K*B]`` shot-major stacked supports -> K dicts of ``[B, ...]``."""
+    return [{k: v.view(shot, -1, *v.shape[1:])[i] for k, v in feats.items()} for i in range(shot)]
+
+
+def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.device) -> Callable[[], object]:
+    """A closure running one benchmark row; modules and inputs are built outside the timed region."""
+    torch.manual_seed(0)
+    shot = 5 if "5-shot" in what else 1
+    backbone = build_backbone(cfg.backbone, weights=None).to(device).freeze()
+    images = torch.randn(batch, 3, size, size, device=device)
+    if what == "backbone fwd":
+        return lambda: _no_grad(backbone, images)
+
+    pos = PotentialObjectsSegmenter(**cfg.pos_kwargs).to(device)
+    if what == "POS fwd":
+        with torch.no_grad():
+            q_feats = backbone(images)
+        return lambda: _no_grad(pos, q_feats)
+
+    query_mask = (torch.rand(batch, size, size, device=device) > 0.5).long()
+    if what == "stage-1 train step":
+        crit = POSCriterion()
+        opt = torch.optim.AdamW(pos.parameters(), lr=1e-4)
+        semantic = torch.randint(0, 4, (batch, size, size), device=device)
+        targets = [semantic_to_targets(s) for s in semantic]
+
+        def step1() -> None:
+            with torch.no_grad():  # the backbone is frozen in both stages
+                feats = backbone(images)
+            losses = crit(pos(feats), targets, query_mask)
+            opt.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            opt.step()
+
+        return step1
+
+    pos.requires_grad_(False).eval()  # stage 2 trains MM only
+    mm = MaskMatching(**cfg.mm_kwargs).to(device)
+    supports = torch.randn(shot * batch, 3, size, size, device=device)
+    support_masks = (torch.rand(batch, shot, size, size, device=device) > 0.5).long()
+    if what.startswith("MM fwd"):
+        with torch.no_grad():
+            q_feats = backbone(images)
+            s_feats = _split_shots(backbone(supports), shot)
+            logits = pos(q_feats)["pred_masks"]
+        return lambda: _no_grad(lambda: mm(q_feats, s_feats, support_masks, logits, image_size=(size, size)))
+    if what.startswith("stage-2 train step"):
+        crit2 = MaskMatchingCriterion()
+        opt2 = torch.optim.AdamW(mm.parameters(), lr=1e-4)
+
+        def step2() -> None:
+            with torch.no_grad():
+                qf = backbone(images)
+                sf = _split_shots(backbone(supports), shot)
+                lg = pos(qf)["pred_masks"]
+            losses = crit2(mm(qf, sf, support_masks, lg, image_size=(size, size)), query_mask)
+            opt2.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            opt2.step()
+
+        return step2
+    raise ValueError(what)
+
+
+def _no_grad(fn: Callable, *args: object) -> object:
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _measure(
+    cfg: ModelConfig, size: int, batch: int, what: str, repeats: int, device_name: str, threads: int, q
+) -> None:
+    torch.set_num_threads(threads)
+    idle_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # runtime and imports only
+    device = torch.device(device_name)
+    fn = _row_fn(cfg, size, batch, what, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _time(fn, repeats, device)
+    if device.type == "cuda":
+        peak_mib, idle_mib = torch.cuda.max_memory_allocated() / 2**20, 0.0
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    q.put((seconds, peak_mib, idle_mib))
+
+
+def run_row(
+    cfg: ModelConfig, size: int, batch: int, what: str, repeats: int, device: str, threads: int
+) -> tuple[float, float, float]:
+    """``(median seconds, peak MiB, idle MiB)`` of one row, measured in a fresh process.
+
+    idle = peak RSS of that process before the row built anything (CPU only; 0 on CUDA).
+    """
+    # spawn, not fork: a forked child inherits the parent's peak RSS (and its OpenMP / CUDA state).
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(cfg, size, batch, what, repeats, device, threads, q))
+    p.start()
+    result = q.get()
+    p.join()
+    return result
+
+
+def deform_attn_rows(
+    repeats: int, device: torch.device, batch: int, size: int = 480
+) -> list[tuple[str, float, float]]:
+    """``(implementation, forward s, forward+backward s)`` at the pixel-decoder size of a ``size`` image.
+
+    Levels at strides 32/16/8 (15x15, 30x30, 60x60 for 480), 8 heads of D=32, 4 points, one query per
+    pixel of every level (the encoder's self-attention), locations in [0, 1]. Implementations alternate
+    round by round so that a change of machine load hits all of them alike.
+    """
+    torch.manual_seed(0)
+    heads, dim, points = 8, 32, 4
+    shapes = [(size // s, size // s) for s in (32, 16, 8)]
+    tokens = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, tokens, heads, dim, device=device)
+    locs = torch.rand(batch, tokens, heads, len(shapes), points, 2, device=device)
+    weights = torch.rand(batch, tokens, heads, len(shapes), points, device=device).softmax(-1)
+    grads = [t.clone().requires_grad_() for t in (value, locs, weights)]
+
+    def fwd(impl: str) -> None:
+        with torch.no_grad():
+            ms_deform_attn_core(value, shapes, locs, weights, impl=impl)
+
+    def fwd_bwd(impl: str) -> None:
+        for t in grads:
+            t.grad = None
+        ms_deform_attn_core(grads[0], shapes, grads[1], grads[2], impl=impl).sum().backward()
+
+    order = ("loop", *[i for i in IMPLEMENTATIONS if i != "loop"])
+    samples: dict[str, tuple[list[float], list[float]]] = {impl: ([], []) for impl in order}
+    for impl in order:  # warm-up
+        fwd(impl)
+        fwd_bwd(impl)
+    for _ in range(repeats):
+        for impl in order:
+            samples[impl][0].append(_time(lambda impl=impl: fwd(impl), 1, device, warmup=False))
+            samples[impl][1].append(_time(lambda impl=impl: fwd_bwd(impl), 1, device, warmup=False))
+    return [(impl, statistics.median(f), statistics.median(fb)) for impl, (f, fb) in samples.items()]
+
+
+def print_deform_attn(repeats: int, device: torch.device, batches: list[int]) -> None:
+    default = default_impl(device)
+    print(
+        "\nMulti-scale deformable attention core, pixel decoder at 480x480: levels 15x15/30x30/60x60, "
+        f"8 heads, D=32, 4 points, Lq = 4725; default on {device.type}: {default}"
+    )
+    print("| batch | implementation | fwd (ms) | fwd+bwd (ms) | fwd vs loop | fwd+bwd vs loop |")
+    print("|---:|---|---:|---:|---:|---:|")
+    names = {"loop": "per-level loop (baseline)", "grid_sample": "grid_sample", "gather": "gather"}
+    for batch in batches:
+        rows = deform_attn_rows(repeats, device, batch)
+        base_f, base_fb = rows[0][1], rows[0][2]
+        for impl, f, fb in rows:
+            label = names[impl] + (" (default)" if impl == default else "")
+            print(
+                f"| {batch} | {label} | {f * 1e3:.1f} | {fb * 1e3:.1f} | "
+                f"{base_f / f:.2f}x | {base_fb / fb:.2f}x |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[480, 128])
+    parser.add_argument("--batch", type=int, default=1, help="batch of the model rows")
+    parser.add_argument("--attn-batches", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=["models", "attn"], default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(
+        f"device={args.device} threads={args.threads} batch={args.batch} repeats={args.repeats} "
+        f"torch={torch.__version__}"
+    )
+    if args.only != "attn":
+        print("| model | size | what | time (ms) | peak mem (MiB) | idle process (MiB) |")
+        print("|---|---|---|---:|---:|---:|")
+        for size in args.sizes:
+            # The paper model at the demo size and the demo model at 480 are not interesting configurations.
+            cfg = PAPER if size >= 320 else DEMO
+            for what in ROWS:
+                seconds, peak, idle = run_row(
+                    cfg, size, args.batch, what, args.repeats, args.device, args.threads
+                )
+                print(
+                    f"| {cfg.name} | {size} | {what} | {seconds * 1e3:.1f} | {peak:.0f} | {idle:.0f} |",
+                    flush=True,
+                )
+    if args.only != "models":
+        print_deform_attn(args.repeats, torch.device(args.device), args.attn_batches)
+
+
+if __name__ == "__main__":
+    main()

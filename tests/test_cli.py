@@ -257,3 +257,19 @@ def test_predict_writes_masks_and_overlays(stage1_ckpt: Path, synthetic_root: Pa
         assert mask.size == size and set(np.unique(np.array(mask))) <= {0, 255}
         ov = Image.open(overlays[0])
         assert ov.size == size and ov.mode == "RGB"
+
+
+def test_console_script_returns_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # setuptools' console-script wrapper does sys.exit(<return value>): returning the CLI object
+    # would print it and exit with status 1 after a successful run.
+    import configparser
+
+    import fewshot_seg.cli as cli
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "main", lambda *a, **k: calls.append(1) or object())
+    assert cli.entry_point() is None
+    assert calls == [1]
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert "fewshot_seg.cli:entry_point" in cfg["options.entry_points"]["console_scripts"]

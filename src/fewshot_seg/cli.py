@@ -72,6 +72,11 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
+def entry_point() -> None:
+    """Console script ``fewshot-seg``: returns nothing, so the shell sees exit status 0 on success."""
+    main()
+
+
 def _finish_wandb() -> None:
     """Close the W&B run so that a next in-process run (tests, sweeps) gets its own run and folder."""
     if not _wandb_available():

@@ -110,6 +110,36 @@ def pools_fingerprint(pools: dict[int, list[str]]) -> str:
     return hashlib.sha1(json.dumps({str(c): v for c, v in sorted(pools.items())}).encode()).hexdigest()
 
 
+def episode_sample(
+    q_img: np.ndarray,
+    q_lab: np.ndarray,
+    supports: Sequence[tuple[np.ndarray, np.ndarray]],
+    class_id: int,
+    novel_classes: Sequence[int],
+    valid_size: Sequence[int],
+    label_orig: np.ndarray,
+    query_id: str,
+    support_ids: Sequence[str],
+) -> dict:
+    """One episode as the dict ``collate_episodes`` expects (the EpisodeBatch fields, unbatched).
+
+    Images are ``[H, W, 3]`` uint8 and labels ``[H, W]`` uint8 after the transform; ``label_orig`` is
+    the semantic label used for scoring.
+    """
+    return {
+        "query_image": normalize_image(q_img),
+        "query_mask": torch.from_numpy(binary_label(q_lab, class_id)),
+        "support_images": torch.stack([normalize_image(img) for img, _ in supports]),
+        "support_masks": torch.stack([torch.from_numpy(binary_label(lab, class_id)) for _, lab in supports]),
+        "class_id": class_id,
+        "query_semantic": torch.from_numpy(semantic_label(q_lab, novel_classes)),
+        "query_valid_size": torch.tensor(valid_size),
+        "query_label_orig": torch.from_numpy(binary_label(label_orig, class_id)),
+        "query_id": query_id,
+        "support_ids": list(support_ids),
+    }
+
+
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` keys for ``range(length)``; Lightning calls :meth:`set_epoch`.
 
@@ -197,28 +227,18 @@ class TrainEpisodeDataset(Dataset):
         candidates = [i for i in self.pools[c] if i != q]
         picks = rng.choice(len(candidates), size=self.shot, replace=False)
         support_ids = [candidates[int(j)] for j in picks]
-        s_imgs, s_masks = [], []
         need = self.support_min_pixels
+        supports = []
         for sid in support_ids:
             s_image, s_label = self.source.load(sid)
-            s_img, s_lab = self.augment(
-                s_image, s_label, rng, accept=lambda lab, c=c: int(np.count_nonzero(lab == c)) >= need
+            supports.append(
+                self.augment(
+                    s_image, s_label, rng, accept=lambda lab, c=c: int(np.count_nonzero(lab == c)) >= need
+                )
             )
-            s_imgs.append(normalize_image(s_img))
-            s_masks.append(torch.from_numpy(binary_label(s_lab, c)))
-        size = q_lab.shape
-        return {
-            "query_image": normalize_image(q_img),
-            "query_mask": torch.from_numpy(binary_label(q_lab, c)),
-            "support_images": torch.stack(s_imgs),
-            "support_masks": torch.stack(s_masks),
-            "class_id": c,
-            "query_semantic": torch.from_numpy(semantic_label(q_lab, self.novel_classes)),
-            "query_valid_size": torch.tensor(size),
-            "query_label_orig": torch.from_numpy(binary_label(q_lab, c)),
-            "query_id": q,
-            "support_ids": support_ids,
-        }
+        return episode_sample(
+            q_img, q_lab, supports, c, self.novel_classes, q_lab.shape, q_lab, q, support_ids
+        )
 
 
 class ListEpisodeDataset(Dataset):
@@ -256,23 +276,8 @@ class ListEpisodeDataset(Dataset):
         image, label = self.source.load(q)
         q_img, q_lab, valid = self.transform(image, label)
         orig = label if self.transform.protocol == "original" else q_lab
-        s_imgs, s_masks = [], []
-        for sid in support_ids:
-            s_img, s_lab, _ = self.transform(*self.source.load(sid))
-            s_imgs.append(normalize_image(s_img))
-            s_masks.append(torch.from_numpy(binary_label(s_lab, c)))
-        return {
-            "query_image": normalize_image(q_img),
-            "query_mask": torch.from_numpy(binary_label(q_lab, c)),
-            "support_images": torch.stack(s_imgs),
-            "support_masks": torch.stack(s_masks),
-            "class_id": c,
-            "query_semantic": torch.from_numpy(semantic_label(q_lab, self.novel_classes)),
-            "query_valid_size": torch.tensor(valid),
-            "query_label_orig": torch.from_numpy(binary_label(orig, c)),
-            "query_id": q,
-            "support_ids": list(support_ids),
-        }
+        supports = [self.transform(*self.source.load(sid))[:2] for sid in support_ids]
+        return episode_sample(q_img, q_lab, supports, c, self.novel_classes, valid, orig, q, support_ids)
 
 
 def episode_list_path(

@@ -26,6 +26,7 @@ from fewshot_seg.models.point_sampling import get_uncertain_point_coords_with_ra
 from fewshot_seg.models.selection import (
     IGNORE_INDEX,
     binary_target,
+    oracle_select,
     proposal_soft_iou,
     selected_foreground,
 )
@@ -183,13 +184,9 @@ class POSCriterion(nn.Module):
             ``(dice scalar, index [B], ious [B, N])``.
         """
         probs = pred_masks.float().sigmoid()
-        index, ious = self._oracle(probs, label)
+        index, ious = oracle_select(probs, label, self.stride)
         fg = selected_foreground(probs, index, (label.shape[-2], label.shape[-1]), self.stride)
         return two_channel_dice_loss(fg, label), index, ious
-
-    def _oracle(self, probs: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        ious = proposal_soft_iou(probs, label, self.stride)
-        return ious.argmax(dim=1), ious
 
     def compute(
         self,

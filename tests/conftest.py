@@ -9,6 +9,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,3 +22,52 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _wandb_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI only sets WANDB_MODE when it is unset; a test that clears it must not reach a server.
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic VOC-format dataset (``cli_helpers.GEN``), generated once per session."""
+    from cli_helpers import GEN
+
+    from datamodules import generate_synthetic_voc
+
+    root = tmp_path_factory.mktemp("syn") / "voc"
+    generate_synthetic_voc(root, **GEN)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of a 2-step stage-1 demo fit through the real CLI (run folder ``s1``)."""
+    from cli_helpers import STAGE1, run_dir_args, tiny_data
+
+    from fewshot_seg.cli import main
+
+    out = tmp_path_factory.mktemp("stage1")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        cli = main(
+            [
+                "fit",
+                *STAGE1,
+                *tiny_data(synthetic_root),
+                *run_dir_args(out, "s1"),
+                "--trainer.max_steps=2",
+                "--trainer.val_check_interval=2",
+                "--model.init_args.num_points=256",
+            ]
+        )
+    finally:
+        mp.undo()
+    assert cli.trainer.global_step == 2
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert last.name == "last.ckpt" and last.is_file()
+    return last

@@ -8,90 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import STAGE2, cfg, run_dir_args, tiny_data
 from PIL import Image
 
 from fewshot_seg.cli import main
 from fewshot_seg.lightning.base import STAGE_KEY
-from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
-
-CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
-GEN = {"num_train": 120, "num_val": 60}  # generator arguments; must be the same in every run
-
-
-def cfg(*names: str) -> list[str]:
-    out: list[str] = []
-    for n in names:
-        out += ["-c", str(CONFIGS / n)]
-    return out
-
-
-def tiny_data(root: Path) -> list[str]:
-    return [
-        f"--data.init_args.root={root}",
-        f"--data.init_args.num_train={GEN['num_train']}",
-        f"--data.init_args.num_val={GEN['num_val']}",
-        "--data.init_args.pool_min_pixels=50",
-        "--data.init_args.image_size=64",
-        "--data.init_args.batch_size=2",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.val_episodes=4",
-        "--data.init_args.test_episodes=4",
-    ]
-
-
-def run_dir_args(out: Path, version: str | None = None) -> list[str]:
-    args = [
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.enable_model_summary=false",
-    ]
-    if version:
-        args.append(f"--trainer.logger.init_args.version={version}")
-    return args
-
-
-STAGE1 = cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml")
-STAGE2 = cfg("trainer.yaml", "data_synthetic.yaml", "stage2_mm_cpu_demo.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _wandb_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datamodules import generate_synthetic_voc
-
-    root = tmp_path_factory.mktemp("syn") / "voc"
-    generate_synthetic_voc(root, **GEN)
-    return root
-
-
-@pytest.fixture(scope="module")
-def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stage1")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "disabled")
-    try:
-        cli = main(
-            [
-                "fit",
-                *STAGE1,
-                *tiny_data(synthetic_root),
-                *run_dir_args(out, "s1"),
-                "--trainer.max_steps=2",
-                "--trainer.val_check_interval=2",
-                "--model.init_args.num_points=256",
-            ]
-        )
-    finally:
-        mp.undo()
-    assert cli.trainer.global_step == 2
-    last = Path(cli.trainer.checkpoint_callback.last_model_path)
-    assert last.name == "last.ckpt" and last.is_file()
-    return last
+from fewshot_seg.lightning.mm_module import STAGE1_HPARAMS, MMModule, Stage1CheckpointError
 
 
 def test_stage1_checkpoint_and_run_folder(stage1_ckpt: Path) -> None:
@@ -170,43 +92,34 @@ def test_stage2_fit_resume_and_test(stage1_ckpt: Path, synthetic_root: Path, tmp
 
     # A stage-2 checkpoint where stage 1 is expected: refused, naming the problem.
     with pytest.raises(Stage1CheckpointError, match="stage-2"):
-        MMModule(stage1_checkpoint=str(last), **_demo_sizes())
+        MMModule(stage1_checkpoint=str(last), **_stage1_sizes(stage1_ckpt))
 
 
-def _demo_sizes(**over) -> dict:
-    sizes = dict(
-        backbone="resnet18",
-        backbone_weights=None,
-        num_queries=20,
-        pos_dim=64,
-        pos_heads=4,
-        enc_layers=2,
-        enc_ffn=128,
-        dec_layers=3,
-        dec_ffn=256,
-        norm_groups=8,
-        mm_dim=32,
-        matching_hidden=16,
-    )
-    sizes.update(over)
-    return sizes
+def _stage1_sizes(ckpt: Path, **over) -> dict:
+    """The checkpoint's own backbone/POS settings (whatever the demo YAML says), small MM head, overrides."""
+    hp = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    sizes = {k: hp[k] for k in STAGE1_HPARAMS}
+    return {**sizes, "backbone_weights": None, "mm_dim": 32, "matching_hidden": 16, **over}
 
 
 def test_stage2_refuses_wrong_shapes(stage1_ckpt: Path) -> None:
     # The stage-1 run's settings are recorded in its checkpoint: a different one is refused by name.
-    with pytest.raises(Stage1CheckpointError, match=r"pos_dim: 64 \(checkpoint\) vs 32 \(model\)"):
-        MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(pos_dim=32))
+    dim = _stage1_sizes(stage1_ckpt)["pos_dim"]
+    wrong = rf"pos_dim: {dim} \(checkpoint\) vs {dim // 2} \(model\)"
+    with pytest.raises(Stage1CheckpointError, match=wrong):
+        MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt, pos_dim=dim // 2))
     with pytest.raises(Stage1CheckpointError, match="backbone"):
-        MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes(backbone="resnet34"))
+        MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt, backbone="resnet34"))
     with pytest.raises(Stage1CheckpointError, match="does not exist"):
-        MMModule(stage1_checkpoint="/nonexistent/last.ckpt", **_demo_sizes())
+        MMModule(stage1_checkpoint="/nonexistent/last.ckpt", **_stage1_sizes(stage1_ckpt))
     # The right sizes load.
-    MMModule(stage1_checkpoint=str(stage1_ckpt), **_demo_sizes())
+    MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt))
 
 
 def test_stage2_cli_names_wrong_checkpoint(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
     # jsonargparse re-raises instantiation errors as ValueError (Stage1CheckpointError is one) with our text.
-    with pytest.raises(ValueError, match=r"num_queries.*20 \(checkpoint\) vs 10 \(model\)"):
+    n = _stage1_sizes(stage1_ckpt)["num_queries"]
+    with pytest.raises(ValueError, match=rf"num_queries.*{n} \(checkpoint\) vs {n + 1} \(model\)"):
         main(
             [
                 "fit",
@@ -214,7 +127,7 @@ def test_stage2_cli_names_wrong_checkpoint(stage1_ckpt: Path, synthetic_root: Pa
                 *tiny_data(synthetic_root),
                 *run_dir_args(tmp_path),
                 f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
-                "--model.init_args.num_queries=10",
+                f"--model.init_args.num_queries={n + 1}",
                 "--trainer.fast_dev_run=true",
             ]
         )

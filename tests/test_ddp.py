@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import GEN, STAGE1, STAGE2, run_dir_args, tiny_data
+from cli_helpers import STAGE1, STAGE2, run_dir_args, tiny_data
 
 from fewshot_seg.cli import main
 
@@ -75,11 +75,8 @@ def _decisive_proposals(ckpt: Path) -> Path:
     return out
 
 
-def test_ddp_test_matches_single_process(tmp_path: Path) -> None:
-    from datamodules import generate_synthetic_voc
-
-    root = tmp_path / "voc"
-    generate_synthetic_voc(root, **GEN)
+def test_ddp_test_matches_single_process(synthetic_root: Path, tmp_path: Path) -> None:
+    root = synthetic_root
     s1 = _fit(
         [
             *STAGE1,

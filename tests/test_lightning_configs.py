@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_cli import CONFIGS, GEN, cfg, run_dir_args, tiny_data
+from cli_helpers import CONFIGS, cfg, run_dir_args, tiny_data
 
 from fewshot_seg.cli import main
 
@@ -23,20 +23,6 @@ PARSE_ONLY = {
         "stage1_pos_cpu_demo.yaml",
     ],
 }
-
-
-@pytest.fixture(autouse=True)
-def _wandb_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datamodules import generate_synthetic_voc
-
-    root = tmp_path_factory.mktemp("syn") / "voc"
-    generate_synthetic_voc(root, **GEN)
-    return root
 
 
 def test_every_yaml_is_covered() -> None:
@@ -57,30 +43,6 @@ def _fit_and_test(stage: str, root: Path, tmp: Path, extra: list[str]) -> None:
     logged = test.trainer.callback_metrics
     key = "test/miou" if "mm" in stage else "test/oracle_miou"
     assert key in logged and 0.0 <= float(logged[key]) <= 100.0
-
-
-@pytest.fixture(scope="module")
-def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stage-1 demo checkpoint: the stage-2 demo takes its backbone/POS settings from it."""
-    out = tmp_path_factory.mktemp("stage1")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "disabled")
-    try:
-        cli = main(
-            [
-                "fit",
-                *cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml"),
-                *tiny_data(synthetic_root),
-                *run_dir_args(out, "s1"),
-                "--trainer.max_steps=1",
-                "--trainer.val_check_interval=1",
-                "--trainer.limit_val_batches=1",
-                "--model.init_args.num_points=256",
-            ]
-        )
-    finally:
-        mp.undo()
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
 @pytest.mark.parametrize("stage", DEMO_STAGES)

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from cli_helpers import GEN
 from torch import Tensor, nn
 
 from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
 from fewshot_seg.lightning.pos_module import POSModule
 
-GEN = {"num_train": 120, "num_val": 60}
-# The stage-1 CPU demo's POS (stage1_pos_cpu_demo.yaml), fewer points: quick on a CPU.
+# A small POS (ResNet-18, width 64, 20 queries) with few points: quick on a CPU.
 SMALL_POS = dict(
     backbone="resnet18",
     backbone_weights=None,
@@ -39,12 +39,11 @@ SMALL_MM = dict(mm_dim=32, mm_heads=4, mm_ffn=64, matching_hidden=16, kv_min_siz
 
 
 @pytest.fixture(scope="module")
-def datamodule(tmp_path_factory: pytest.TempPathFactory):
+def datamodule(synthetic_root: Path):
     from datamodules import SyntheticDataModule
 
-    root = tmp_path_factory.mktemp("syn") / "voc"
     return SyntheticDataModule(
-        root=str(root),
+        root=str(synthetic_root),
         image_size=64,
         batch_size=2,
         num_workers=0,

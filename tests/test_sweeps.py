@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import CONFIGS, GEN, run_dir_args, tiny_data
+from cli_helpers import CONFIGS, run_dir_args, tiny_data
 
 from fewshot_seg.cli import main
 
@@ -64,17 +64,13 @@ def test_sweep_file_is_valid(path: Path) -> None:
     assert exc.value.code == 0
 
 
-def test_demo_sweep_runs(tmp_path: Path) -> None:
-    from datamodules import generate_synthetic_voc
-
-    root = tmp_path / "voc"
-    generate_synthetic_voc(root, **GEN)
+def test_demo_sweep_runs(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = yaml.safe_load((CONFIGS / "sweeps" / "stage1_pos_cpu_demo.yaml").read_text())
     values = sample(sweep["parameters"], random.Random(1))
     cli = main(
         [
             *command_args(sweep, values),
-            *tiny_data(root),
+            *tiny_data(synthetic_root),
             *run_dir_args(tmp_path / "runs"),
             "--model.init_args.num_points=256",
             "--trainer.fast_dev_run=true",

@@ -20,7 +20,7 @@ from fewshot_seg.models.mask_matching import MaskMatching
 from fewshot_seg.models.selection import oracle_select, selected_foreground, top_cosine_select
 
 _REF_MM_KEY = re.compile(r"(conv_\d+|crossat_\d+|fc[12])\.")
-_STAGE1_HPARAMS = (
+STAGE1_HPARAMS = (
     "backbone",
     "num_queries",
     "pos_dim",
@@ -37,7 +37,7 @@ _STAGE1_HPARAMS = (
 def paper_architecture() -> dict[str, Any]:
     """The paper's backbone/POS settings: POSModule's defaults (one source of truth for both stages)."""
     params = inspect.signature(POSModule.__init__).parameters
-    return {k: params[k].default for k in _STAGE1_HPARAMS}
+    return {k: params[k].default for k in STAGE1_HPARAMS}
 
 
 class Stage1CheckpointError(ValueError):
@@ -82,7 +82,7 @@ def resolve_architecture(
     """Backbone/POS settings of stage 2: the stage-1 run's, unless none is recorded.
 
     Args:
-        given: the MMModule arguments of :data:`_STAGE1_HPARAMS`; None means "not set".
+        given: the MMModule arguments of :data:`STAGE1_HPARAMS`; None means "not set".
         ckpt: the loaded stage-1 checkpoint, or None.
         path: its path, for messages.
 
@@ -100,7 +100,7 @@ def resolve_architecture(
         recorded = ckpt.get("hyper_parameters") or {}
     paper = paper_architecture()
     arch, conflicts = {}, []
-    for k in _STAGE1_HPARAMS:
+    for k in STAGE1_HPARAMS:
         if k in recorded and recorded[k] is not None:
             arch[k] = recorded[k]
             if given.get(k) is not None and given[k] != recorded[k]:
@@ -203,7 +203,7 @@ class MMModule(EpisodeModule):
         ckpt = _read(path) if path else None
         if ckpt is not None and _is_lightning(ckpt):
             _check_lightning_stage(ckpt, path)
-        given = {k: self.hparams[k] for k in _STAGE1_HPARAMS}
+        given = {k: self.hparams[k] for k in STAGE1_HPARAMS}
         arch = resolve_architecture(given, ckpt, path)
         # Recorded in the hyper-parameters (hence in stage-2 checkpoints): --ckpt_path and
         # load_from_checkpoint rebuild the same shapes, and the stage-1 file is re-checked against them.
@@ -247,7 +247,7 @@ class MMModule(EpisodeModule):
         ckpt = _read(path)
         if _is_lightning(ckpt):
             _check_lightning_stage(ckpt, str(path))
-            resolve_architecture({k: self.hparams[k] for k in _STAGE1_HPARAMS}, ckpt, str(path))
+            resolve_architecture({k: self.hparams[k] for k in STAGE1_HPARAMS}, ckpt, str(path))
         self._load_stage1_state(ckpt, str(path))
 
     def _load_stage1_state(self, ckpt: Mapping, path: str) -> None:
@@ -287,7 +287,7 @@ class MMModule(EpisodeModule):
                         + "; ".join(names[:5])
                         + (" ..." if len(names) > 5 else "")
                     )
-            mine = {k: self.hparams[k] for k in _STAGE1_HPARAMS}
+            mine = {k: self.hparams[k] for k in STAGE1_HPARAMS}
             raise Stage1CheckpointError(
                 f"stage1_checkpoint {path!r} does not fit this model's backbone/POS shapes: "
                 + " | ".join(parts)

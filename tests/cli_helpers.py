@@ -1,0 +1,48 @@
+"""Command-line pieces shared by the tests that drive the real CLI on tiny synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+# Generator arguments of the tiny synthetic dataset; every run on one root must use the same ones.
+GEN = {"num_train": 120, "num_val": 60}
+
+
+def cfg(*names: str) -> list[str]:
+    """``-c lightning_configs/<name>`` for each name, in order (later files override earlier ones)."""
+    out: list[str] = []
+    for n in names:
+        out += ["-c", str(CONFIGS / n)]
+    return out
+
+
+def tiny_data(root: Path) -> list[str]:
+    """Data overrides: the tiny synthetic set at 64 px, batch 2, in-process loading, 4 eval episodes."""
+    return [
+        f"--data.init_args.root={root}",
+        f"--data.init_args.num_train={GEN['num_train']}",
+        f"--data.init_args.num_val={GEN['num_val']}",
+        "--data.init_args.pool_min_pixels=50",
+        "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.val_episodes=4",
+        "--data.init_args.test_episodes=4",
+    ]
+
+
+def run_dir_args(out: Path, version: str | None = None) -> list[str]:
+    """Send checkpoints and logs under ``out`` (optionally a fixed logger version = run folder)."""
+    args = [
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_model_summary=false",
+    ]
+    if version:
+        args.append(f"--trainer.logger.init_args.version={version}")
+    return args
+
+
+STAGE1 = cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml")
+STAGE2 = cfg("trainer.yaml", "data_synthetic.yaml", "stage2_mm_cpu_demo.yaml")

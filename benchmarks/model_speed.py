@@ -6,9 +6,11 @@ multi-scale deformable-attention core (every implementation) against the straigh
     python benchmarks/model_speed.py --only attn   # just the deformable-attention table
 
 Every time is the median of ``--repeats`` runs after one warm-up run. Each model row runs in a fresh
-(spawned) process, so its peak memory belongs to that row alone: on CPU the peak resident set size of that
-process (model, inputs and the Python/torch runtime included, ~0.3 GB of it), on CUDA
-``torch.cuda.max_memory_allocated``. Random weights (``weights=None``): speed does not depend on them.
+(spawned) process, so its peak memory belongs to that row alone: on CPU the peak resident set size of
+that process (model, inputs and the Python/torch/Lightning runtime included; the idle column is that
+runtime), on CUDA ``torch.cuda.max_memory_allocated``. Random weights (``weights=None``): speed does not
+depend on them. The models are built by POSModule / MMModule: the paper sizes are their defaults, the
+demo sizes are read from ``lightning_configs/stage{1_pos,2_mm}_cpu_demo.yaml``.
 """
 
 from __future__ import annotations
@@ -20,45 +22,43 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 
-from fewshot_seg.models.backbone import build_backbone
-from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion, semantic_to_targets
-from fewshot_seg.models.mask_matching import MaskMatching
+from fewshot_seg.lightning.mm_module import STAGE1_HPARAMS, MMModule
+from fewshot_seg.lightning.pos_module import POSModule
+from fewshot_seg.models.criterion import semantic_to_targets
 from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
-from fewshot_seg.models.pos import PotentialObjectsSegmenter
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+
+
+def _init_args(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A named model size: the paper configuration or the small CPU demo one."""
+    """A named model size: POSModule (stage 1) and MMModule (stage 2) arguments, as in a stage YAML."""
 
     name: str
-    backbone: str
-    pos_kwargs: dict = field(default_factory=dict)
-    mm_kwargs: dict = field(default_factory=dict)
+    stage1: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
+
+    def pos_module(self) -> POSModule:
+        return POSModule(**{**self.stage1, "backbone_weights": None})
+
+    def mm_module(self) -> MMModule:
+        # Stage 2 without a checkpoint takes the backbone/POS sizes as arguments (stage 1's).
+        arch = {k: v for k, v in self.stage1.items() if k in STAGE1_HPARAMS}
+        return MMModule(**{**self.stage2, **arch, "stage1_checkpoint": None, "backbone_weights": None})
 
 
-PAPER = ModelConfig("paper (R-50)", "resnet50")
+PAPER = ModelConfig("paper (R-50)")  # the modules' defaults are the paper's sizes
 DEMO = ModelConfig(
-    "demo (R-18)",
-    "resnet18",
-    dict(
-        in_channels={"res2": 64, "res3": 128, "res4": 256, "res5": 512},
-        conv_dim=64,
-        mask_dim=64,
-        hidden_dim=64,
-        num_queries=100,
-        enc_layers=2,
-        enc_heads=4,
-        enc_ffn=128,
-        enc_points=4,
-        dec_layers=3,
-        dec_heads=4,
-        dec_ffn=256,
-    ),
-    dict(in_channels=(512, 256, 128), hidden_dim=64, nhead=4, dim_feedforward=128, num_proposals=100),
+    "demo (R-18)", _init_args("stage1_pos_cpu_demo.yaml"), _init_args("stage2_mm_cpu_demo.yaml")
 )
 
 ROWS = (
@@ -100,12 +100,14 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
     """A closure running one benchmark row; modules and inputs are built outside the timed region."""
     torch.manual_seed(0)
     shot = 5 if "5-shot" in what else 1
-    backbone = build_backbone(cfg.backbone, weights=None).to(device).freeze()
+    # Stage-1 rows use the POSModule's pieces, stage-2 rows the MMModule's (which holds its own POS).
+    module = cfg.mm_module() if what.startswith(("MM", "stage-2")) else cfg.pos_module()
+    backbone = module.backbone.to(device).freeze()
+    pos = module.pos.to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     if what == "backbone fwd":
         return lambda: _no_grad(backbone, images)
 
-    pos = PotentialObjectsSegmenter(**cfg.pos_kwargs).to(device)
     if what == "POS fwd":
         with torch.no_grad():
             q_feats = backbone(images)
@@ -113,7 +115,7 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
 
     query_mask = (torch.rand(batch, size, size, device=device) > 0.5).long()
     if what == "stage-1 train step":
-        crit = POSCriterion()
+        crit = module.criterion
         opt = torch.optim.AdamW(pos.parameters(), lr=1e-4)
         semantic = torch.randint(0, 4, (batch, size, size), device=device)
         targets = [semantic_to_targets(s) for s in semantic]
@@ -129,7 +131,7 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
         return step1
 
     pos.requires_grad_(False).eval()  # stage 2 trains MM only
-    mm = MaskMatching(**cfg.mm_kwargs).to(device)
+    mm = module.mm.to(device)
     supports = torch.randn(shot * batch, 3, size, size, device=device)
     support_masks = (torch.rand(batch, shot, size, size, device=device) > 0.5).long()
     if what.startswith("MM fwd"):
@@ -139,7 +141,7 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
             logits = pos(q_feats)["pred_masks"]
         return lambda: _no_grad(lambda: mm(q_feats, s_feats, support_masks, logits, image_size=(size, size)))
     if what.startswith("stage-2 train step"):
-        crit2 = MaskMatchingCriterion()
+        crit2 = module.criterion
         opt2 = torch.optim.AdamW(mm.parameters(), lr=1e-4)
 
         def step2() -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.models.attention_layers import CrossAttentionLayer, FFNLayer
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
 from fewshot_seg.models.selection import upsample_to_image
 
@@ -28,34 +29,6 @@ class SelfAlignment(nn.Module):
         attn = flat.mean(dim=1).softmax(dim=-1)  # [B, HW]
         context = torch.matmul(flat, attn.unsqueeze(-1))  # [B, C, 1]
         return x * context.sigmoid().unsqueeze(-1)
-
-
-class CrossAttentionLayer(nn.Module):
-    """Post-norm cross-attention: ``x = LN(x + MHA(q=x+pos_x, k=mem+pos_mem, v=mem))`` (sequence-first)."""
-
-    def __init__(self, d_model: int, nhead: int) -> None:
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
-        """tgt/query_pos ``[L, B, C]``, memory/pos ``[S, B, C]`` -> ``[L, B, C]``."""
-        out = self.multihead_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
-        return self.norm(tgt + out)
-
-
-class FFNLayer(nn.Module):
-    """Post-norm feed-forward block: ``x = LN(x + W2 relu(W1 x))``."""
-
-    def __init__(self, d_model: int, dim_feedforward: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., C] -> [..., C]``."""
-        return self.norm(x + self.linear2(F.relu(self.linear1(x))))
 
 
 def kv_resize_hw(hw: Sequence[int], min_size: int) -> tuple[int, int]:
@@ -98,6 +71,7 @@ class CrossAlignment(nn.Module):
     ) -> None:
         super().__init__()
         self.kv_min_size = kv_min_size
+        # Mask2Former's layers (the reference's CrossAT is built from them): xavier matrices at construction.
         self.transformer_cross_attention_layers = nn.ModuleList(
             CrossAttentionLayer(hidden_dim, nhead) for _ in range(num_layers)
         )
@@ -115,7 +89,7 @@ class CrossAlignment(nn.Module):
 
     def _attend(self, tokens: Tensor, pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
         for cross, ffn in zip(self.transformer_cross_attention_layers, self.transformer_ffn_layers):
-            tokens = ffn(cross(tokens, memory, memory_pos, pos))
+            tokens = ffn(cross(tokens, memory, pos=memory_pos, query_pos=pos))
         return tokens
 
     def forward(

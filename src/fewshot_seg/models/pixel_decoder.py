@@ -7,6 +7,7 @@ uses; they are not built here (``convert.py`` skips them by name).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -65,11 +66,13 @@ class MSDeformAttnEncoderLayer(nn.Module):
 
 
 class MSDeformAttnEncoder(nn.Module):
-    """Stack of encoder layers (``.layers``), reference name ``transformer.encoder``."""
+    """``num_layers`` deep copies of ``layer`` (``.layers``), reference name ``transformer.encoder``."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, layer: nn.Module, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        # Deformable DETR's _get_clones: copies of one layer, so parameters that are not re-initialised
+        # afterwards (biases of linear1/linear2, LayerNorms) start identical in every layer.
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(
         self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]
@@ -96,13 +99,14 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         n_points: int = 4,
     ) -> None:
         super().__init__()
+        layer = MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, n_levels, n_heads, n_points)
+        self.encoder = MSDeformAttnEncoder(layer, num_layers)
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
-        self.encoder = MSDeformAttnEncoder(
-            [
-                MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, n_levels, n_heads, n_points)
-                for _ in range(num_layers)
-            ]
-        )
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # The reference's order: Xavier on every matrix (this draws each copy's matrices afresh), then the
+        # deformable-attention init, then N(0, 1) level embedding. 1-dim parameters keep the copied values.
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)

@@ -12,68 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.models.attention_layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
-
-
-def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
-    return x if pos is None else x + pos
-
-
-class SelfAttentionLayer(nn.Module):
-    """``tgt = LN(tgt + SelfAttn(q = k = tgt + query_pos, v = tgt))``."""
-
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt: Tensor, query_pos: Tensor | None = None) -> Tensor:
-        q = k = _with_pos(tgt, query_pos)
-        out = self.self_attn(q, k, value=tgt, need_weights=False)[0]
-        return self.norm(tgt + self.dropout(out))
-
-
-class CrossAttentionLayer(nn.Module):
-    """``tgt = LN(tgt + Attn(q = tgt + query_pos, k = memory + pos, v = memory, mask))``."""
-
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        memory_mask: Tensor | None = None,
-        pos: Tensor | None = None,
-        query_pos: Tensor | None = None,
-    ) -> Tensor:
-        out = self.multihead_attn(
-            _with_pos(tgt, query_pos),
-            _with_pos(memory, pos),
-            value=memory,
-            attn_mask=memory_mask,
-            need_weights=False,
-        )[0]
-        return self.norm(tgt + self.dropout(out))
-
-
-class FFNLayer(nn.Module):
-    """``tgt = LN(tgt + linear2(ReLU(linear1(tgt))))``."""
-
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt: Tensor) -> Tensor:
-        out = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm(tgt + self.dropout(out))
 
 
 class MLP(nn.Module):
@@ -122,24 +62,15 @@ class MaskedTransformerDecoder(nn.Module):
         self.num_layers = dec_layers
         self.num_feature_levels = num_feature_levels
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-        self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads, dropout) for _ in range(dec_layers)
-        )
-        self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads, dropout) for _ in range(dec_layers)
-        )
-        self.transformer_ffn_layers = nn.ModuleList(
-            FFNLayer(hidden_dim, dim_feedforward, dropout) for _ in range(dec_layers)
-        )
-        # Mask2Former initialises every attention/FFN matrix with Xavier.
-        for layers in (
-            self.transformer_self_attention_layers,
-            self.transformer_cross_attention_layers,
-            self.transformer_ffn_layers,
-        ):
-            for p in layers.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        self.transformer_self_attention_layers = nn.ModuleList()
+        self.transformer_cross_attention_layers = nn.ModuleList()
+        self.transformer_ffn_layers = nn.ModuleList()
+        # Built layer by layer (self, cross, FFN) in the reference's order, so the random draws come in its
+        # order too; each layer xaviers its own matrices (Mask2Former's _reset_parameters).
+        for _ in range(dec_layers):
+            self.transformer_self_attention_layers.append(SelfAttentionLayer(hidden_dim, nheads, dropout))
+            self.transformer_cross_attention_layers.append(CrossAttentionLayer(hidden_dim, nheads, dropout))
+            self.transformer_ffn_layers.append(FFNLayer(hidden_dim, dim_feedforward, dropout))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)

@@ -43,7 +43,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         fold: int = 0,
         shot: int = 1,
         image_size: int = 480,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         num_workers: int = 4,
         test_episodes: int = 1000,
         val_episodes: int = 1000,
@@ -61,7 +61,39 @@ class EpisodeDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
     ) -> None:
+        """Arguments shared by every episode DataModule (subclasses add their own and pass these on).
+
+        Args:
+            root: Dataset folder (its layout is the subclass's).
+            fold: Fold; its classes are novel (never seen in training).
+            shot: Supports per episode (K), 1..``max_shot``.
+            image_size: Side of the square model input (training crop and test resize).
+            batch_size: Training episodes per batch *per process*. None = the model's global batch
+                (``optim.batch_size``: 8 in stage 1, 4 in stage 2) divided by the number of processes,
+                or 8 without a model.
+            num_workers: DataLoader worker processes (episodes do not depend on it).
+            test_episodes: Episodes of the fixed test list.
+            val_episodes: Episodes of the validation list (test images, other seed than the test list).
+            seed: Seed of training episodes: episode i depends only on (seed, i).
+            test_seed: Seed of the test episode list.
+            val_seed: Seed of the validation episode list.
+            protocol: Test resizing: "original" (keep aspect, long side = image_size, pad; scored at
+                the original label size) or "square480" (stretch to image_size x image_size, scored there).
+            train_scales: Shortest-edge scales of training resizes; default SPEC's 320..960 step 64
+                scaled by image_size / 480.
+            train_episodes: Training episodes per epoch; default = number of training query images.
+            support_min_pixels: Pixels of the class a training support crop must keep; default
+                1,843 at 480 scaled by (image_size / 480)^2.
+            pool_min_pixels: Pixels of a class in the original label for the image to enter the class
+                pool (PFENet's 2 * 32 * 32).
+            max_shot: Supports stored per listed episode; the K-shot episode uses the first K.
+            cache_dir: Where class-count caches go; default ``<root>/fewshot_cache``.
+            episode_list_dir: Where episode lists go; default ``<cache_dir>/episodes``.
+            eval_batch_size: Batch size of validation/test loaders; default the training batch size.
+            pin_memory: Pin loader memory (faster host-to-GPU copies).
+        """
         super().__init__()
+        self.save_hyperparameters()
         if not 0 <= fold < self.num_folds:
             raise DatasetError(f"fold must be in 0..{self.num_folds - 1}, got {fold}")
         if not 1 <= shot <= max_shot:
@@ -72,6 +104,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise DatasetError(f"image_size must be at least 8, got {image_size}")
         if protocol not in ("original", "square480"):
             raise DatasetError(f"protocol must be 'original' or 'square480', got {protocol!r}")
+        if batch_size is not None and batch_size < 1:
+            raise DatasetError(f"batch_size must be positive (or null for the model's), got {batch_size}")
         self.root = Path(root)
         self.fold = fold
         self.shot = shot
@@ -93,8 +127,18 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.max_shot = max_shot
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / "fewshot_cache"
         self.episode_list_dir = Path(episode_list_dir) if episode_list_dir else self.cache_dir / "episodes"
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
+
+    # ---- batch size -----------------------------------------------------------------------------
+    @property
+    def train_batch_size(self) -> int:
+        """Training episodes per batch in this process (see ``batch_size``)."""
+        return self.batch_size if self.batch_size is not None else resolve_batch_size(self.trainer)
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.train_batch_size
 
     # ---- what a dataset defines -------------------------------------------------------------
     @abstractmethod
@@ -199,18 +243,42 @@ class EpisodeDataModule(pl.LightningDataModule):
         if not hasattr(self, "_train"):
             self.setup("fit")
         return self._loader(
-            self._train, self.batch_size, sampler=EpochSampler(len(self._train)), drop_last=True
+            self._train, self.train_batch_size, sampler=EpochSampler(len(self._train)), drop_last=True
         )
 
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "_val"):
             self.setup("validate")
-        return self._loader(self._val, self.eval_batch_size)
+        return self._loader(self._val, self.eval_batch)
 
     def test_dataloader(self) -> DataLoader:
         if not hasattr(self, "_test"):
             self.setup("test")
-        return self._loader(self._test, self.eval_batch_size, sampler=_unpadded_shard_sampler(self._test))
+        return self._loader(self._test, self.eval_batch, sampler=_unpadded_shard_sampler(self._test))
+
+
+DEFAULT_BATCH_SIZE = 8
+"""Per-process training batch of a DataModule used without a Trainer and without a ``batch_size``."""
+
+
+def resolve_batch_size(trainer: pl.Trainer | None) -> int:
+    """The model's global batch (``optim.batch_size``) divided by the number of processes.
+
+    Raises:
+        DatasetError: the processes cannot share the global batch evenly (the message names both).
+    """
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    optim = getattr(module, "optim", None)
+    if optim is None:
+        return DEFAULT_BATCH_SIZE
+    world = max(1, int(trainer.world_size))
+    if optim.batch_size % world:
+        raise DatasetError(
+            f"the model's global batch optim.batch_size={optim.batch_size} cannot be split over {world} "
+            "processes: set --model.init_args.optim.batch_size to a multiple of the process count, or "
+            "--data.init_args.batch_size (per process) explicitly"
+        )
+    return optim.batch_size // world
 
 
 def _unpadded_shard_sampler(dataset: Dataset) -> Sampler | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so readers only ever see a complete file.
+    """Write ``obj`` as JSON to ``path`` so readers only ever see a complete file (mode 0666 & ~umask).
 
     The data goes to a temporary file in the same directory (same file system, so the final
     ``os.replace`` is atomic even if several processes race to build the same cache).
@@ -23,11 +23,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, separators=(",", ":"))
+        # mkstemp creates the file 0600; a cache in a shared data root must be readable by the team.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -14,7 +14,6 @@ from .base import EpisodeDataModule
 from .cache import fingerprint_files
 from .errors import DatasetError
 from .source import SegmentationSource, read_rgb
-from .transforms import Protocol
 
 COCO_LAYOUT = """expected layout under the root:
   annotations/instances_train{year}.json, annotations/instances_val{year}.json
@@ -113,31 +112,11 @@ class Coco20iDataModule(EpisodeDataModule):
     """COCO-20i episodes: 80 classes (rank of the category id), 4 folds of 20 novel classes.
 
     Training episodes come from ``train{year}``, test and validation episodes from ``val{year}``.
-    Labels are rendered on the fly from the instance JSON (loaded once per process).
+    Labels are rendered on the fly from the instance JSON (loaded once per process). Every other
+    argument is :class:`~datamodules.base.EpisodeDataModule`'s.
 
     Args:
         root: COCO folder holding ``annotations/``, ``train{year}/`` and ``val{year}/``.
-        fold: Fold 0..3.
-        shot: Supports per episode (K), 1..``max_shot``.
-        image_size: Side of the square model input.
-        batch_size: Training episodes per batch.
-        num_workers: DataLoader worker processes (episodes do not depend on it).
-        test_episodes: Episodes of the fixed test list.
-        val_episodes: Episodes of the validation list (val images, other seed).
-        seed: Seed of training episodes.
-        test_seed: Seed of the test episode list.
-        val_seed: Seed of the validation episode list.
-        protocol: Test resizing, "original" or "square480" (see Pascal5iDataModule).
-        train_scales: Shortest-edge training scales; default 320..960 step 64 scaled by image_size / 480.
-        train_episodes: Training episodes per epoch; default = number of training query images.
-        support_min_pixels: Class pixels a training support crop must keep; default 1,843
-            scaled by (image_size / 480)^2.
-        pool_min_pixels: Class pixels an image needs to enter a class pool.
-        max_shot: Supports stored per listed episode.
-        cache_dir: Class-count cache folder; default ``<root>/fewshot_cache``.
-        episode_list_dir: Episode list folder; default ``<cache_dir>/episodes``.
-        eval_batch_size: Batch size of validation/test loaders; default ``batch_size``.
-        pin_memory: Pin loader memory.
         year: 2014 (HSNet's COCO-20i) or 2017 (MM-Former's code).
         split: "interleaved" (fold i novel = i+1, i+5, ..., i+77) or "contiguous" (20i+1..20i+20).
         crowd: "skip" crowd annotations (default) or paint them 255 ("ignore").
@@ -149,35 +128,12 @@ class Coco20iDataModule(EpisodeDataModule):
     def __init__(
         self,
         root: str = "data/coco",
-        fold: int = 0,
-        shot: int = 1,
-        image_size: int = 480,
-        batch_size: int = 8,
-        num_workers: int = 4,
-        test_episodes: int = 1000,
-        val_episodes: int = 1000,
-        seed: int = 0,
-        test_seed: int = 321,
-        val_seed: int = 123,
-        protocol: Protocol = "original",
-        train_scales: list[int] | None = None,
-        train_episodes: int | None = None,
-        support_min_pixels: int | None = None,
-        pool_min_pixels: int = 2048,
-        max_shot: int = 5,
-        cache_dir: str | None = None,
-        episode_list_dir: str | None = None,
-        eval_batch_size: int | None = None,
-        pin_memory: bool = False,
         year: int = 2014,
         split: Literal["interleaved", "contiguous"] = "interleaved",
         crowd: Literal["skip", "ignore"] = "skip",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, fold, shot, image_size, batch_size, num_workers, test_episodes, val_episodes, seed,
-            test_seed, val_seed, protocol, train_scales, train_episodes, support_min_pixels,
-            pool_min_pixels, max_shot, cache_dir, episode_list_dir, eval_batch_size, pin_memory,
-        )  # fmt: skip
+        super().__init__(root=root, **kwargs)
         if year not in (2014, 2017):
             raise DatasetError(f"year must be 2014 or 2017, got {year}")
         if split not in ("interleaved", "contiguous"):

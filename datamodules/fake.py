@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .synthetic import voc_palette
+from .synthetic import add_boundary, voc_palette
 
 # The 80 category ids of COCO (1..90 with gaps), so rank-vs-id mapping is exercised.
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
@@ -30,21 +30,6 @@ def write_voc_label(path: str | os.PathLike, label: np.ndarray) -> None:
     png = Image.fromarray(label.astype(np.uint8), mode="P")
     png.putpalette(voc_palette())
     png.save(path)
-
-
-def add_boundary(label: np.ndarray, width: int = 1) -> np.ndarray:
-    """Set a 255 band of about ``2 * width`` px where label values meet (VOC style)."""
-    out = label.copy()
-    edge = np.zeros(label.shape, dtype=bool)
-    edge[1:] |= label[1:] != label[:-1]
-    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-    for _ in range(width):
-        grown = edge.copy()
-        grown[:-1] |= edge[1:]
-        grown[:, :-1] |= edge[:, 1:]
-        edge = grown
-    out[edge] = 255
-    return out
 
 
 def make_fake_voc(
@@ -73,7 +58,9 @@ def make_fake_voc(
                 label[y0 : y0 + big_h, x0 : x0 + big_w] = c
                 label[h - small - 1 : h - 1, w - small - 1 : w - 1] = c % 20 + 1
                 Image.fromarray(_noise_image(h, w, rng)).save(root / "JPEGImages" / f"{image_id}.jpg")
-                write_voc_label(root / "SegmentationClassAug" / f"{image_id}.png", add_boundary(label))
+                write_voc_label(
+                    root / "SegmentationClassAug" / f"{image_id}.png", add_boundary(label, width=2)
+                )
                 if prefix == "va":
                     val_ids.append(image_id)
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val_ids) + "\n")

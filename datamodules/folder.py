@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
 
+from .episodes import episode_sample
 from .errors import DatasetError
 from .source import read_rgb
-from .transforms import Protocol, TestTransform, normalize_image
+from .transforms import Protocol, TestTransform
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 FOLDER_LAYOUT = """expected layout under the root:
@@ -82,19 +82,21 @@ class FolderEpisodes(Dataset):
             raise DatasetError(f"no query images in {qry_dir}\n{FOLDER_LAYOUT}")
         self.transform = transform
         self.class_id = class_id
-        self._support_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def _load_supports(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _semantic(self, mask: np.ndarray) -> np.ndarray:
+        """{0, 1, 255} mask -> semantic label {0, class_id, 255}, the form episodes are built from."""
+        return np.where(mask == 1, np.uint8(self.class_id), mask).astype(np.uint8)
+
+    def _supports(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if self._support_cache is None:  # the same K supports serve every query
-            imgs, masks = [], []
-            for s, m in self.supports:
-                img, lab, _ = self.transform(*_pair(s, m))
-                imgs.append(normalize_image(img))
-                masks.append(torch.from_numpy(lab))
-            self._support_cache = (torch.stack(imgs), torch.stack(masks))
+            self._support_cache = [
+                (img, self._semantic(lab))
+                for img, lab, _ in (self.transform(*_pair(s, m)) for s, m in self.supports)
+            ]
         return self._support_cache
 
     def __getitem__(self, index: int) -> dict:
@@ -105,21 +107,17 @@ class FolderEpisodes(Dataset):
             raise DatasetError(f"mask {m} is not the size of image {q}")
         q_img, q_lab, valid = self.transform(image, label)
         orig = label if self.transform.protocol == "original" else q_lab
-        s_imgs, s_masks = self._load_supports()
-        semantic = q_lab.copy()
-        semantic[q_lab == 1] = self.class_id
-        return {
-            "query_image": normalize_image(q_img),
-            "query_mask": torch.from_numpy(q_lab),
-            "support_images": s_imgs,
-            "support_masks": s_masks,
-            "class_id": self.class_id,
-            "query_semantic": torch.from_numpy(semantic),
-            "query_valid_size": torch.tensor(valid),
-            "query_label_orig": torch.from_numpy(orig),
-            "query_id": q.stem,
-            "support_ids": [s.stem for s, _ in self.supports],
-        }
+        return episode_sample(
+            q_img,
+            self._semantic(q_lab),
+            self._supports(),
+            self.class_id,
+            (),
+            valid,
+            self._semantic(orig),
+            q.stem,
+            [s.stem for s, _ in self.supports],
+        )
 
 
 def _pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +164,9 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
         class_id: int = 1,
     ) -> None:
         super().__init__()
+        if not 1 <= class_id < IGNORE_INDEX:
+            raise DatasetError(f"class_id must be in 1..{IGNORE_INDEX - 1}, got {class_id}")
+        self.save_hyperparameters()
         self.root = Path(root)
         self.fold, self.shot, self.image_size = fold, shot, image_size
         self.batch_size, self.num_workers = batch_size, num_workers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +12,6 @@ from .base import EpisodeDataModule
 from .cache import fingerprint_files
 from .errors import DatasetError
 from .source import SegmentationSource, read_label_png, read_rgb
-from .transforms import Protocol
 
 PASCAL_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -85,70 +85,20 @@ class Pascal5iDataModule(EpisodeDataModule):
     Training images are the ``SegmentationClassAug`` labels not listed in
     ``ImageSets/Segmentation/val.txt``; test and validation episodes come from the val images.
     Class pools (>= ``pool_min_pixels`` of the class) are computed from the labels at first use and
-    cached in ``cache_dir``; episode lists are written to ``episode_list_dir`` and reused.
+    cached in ``cache_dir``; episode lists are written to ``episode_list_dir`` and reused. Every other
+    argument is :class:`~datamodules.base.EpisodeDataModule`'s.
 
     Args:
         root: VOC2012 folder holding ``JPEGImages/``, ``SegmentationClassAug/`` and
             ``ImageSets/Segmentation/val.txt``.
-        fold: Fold 0..3; its 5 classes are novel (never seen in training).
-        shot: Supports per episode (K), 1..``max_shot``.
-        image_size: Side of the square model input (training crop and test resize).
-        batch_size: Training episodes per batch.
-        num_workers: DataLoader worker processes (episodes do not depend on it).
-        test_episodes: Episodes of the fixed test list.
-        val_episodes: Episodes of the validation list (same images as the test list, other seed).
-        seed: Seed of training episodes: episode i of epoch e depends only on (seed, e, i).
-        test_seed: Seed of the test episode list.
-        val_seed: Seed of the validation episode list.
-        protocol: Test resizing: "original" (keep aspect, long side = image_size, pad; scored at
-            the original label size) or "square480" (stretch to image_size x image_size, scored there).
-        train_scales: Shortest-edge scales of training resizes; default SPEC's 320..960 step 64
-            scaled by image_size / 480.
-        train_episodes: Training episodes per epoch; default = number of training query images.
-        support_min_pixels: Pixels of the class a training support crop must keep; default
-            1,843 at 480 scaled by (image_size / 480)^2.
-        pool_min_pixels: Pixels of a class in the original label for the image to enter the
-            class pool (PFENet's 2 * 32 * 32).
-        max_shot: Supports stored per listed episode; the K-shot episode uses the first K.
-        cache_dir: Where class-count caches go; default ``<root>/fewshot_cache``.
-        episode_list_dir: Where episode lists go; default ``<cache_dir>/episodes``.
-        eval_batch_size: Batch size of validation/test loaders; default ``batch_size``.
-        pin_memory: Pin loader memory (faster host-to-GPU copies).
     """
 
     name = "pascal5i"
     num_classes = 20
     class_names = PASCAL_CLASSES
 
-    def __init__(
-        self,
-        root: str = "data/VOCdevkit/VOC2012",
-        fold: int = 0,
-        shot: int = 1,
-        image_size: int = 480,
-        batch_size: int = 8,
-        num_workers: int = 4,
-        test_episodes: int = 1000,
-        val_episodes: int = 1000,
-        seed: int = 0,
-        test_seed: int = 321,
-        val_seed: int = 123,
-        protocol: Protocol = "original",
-        train_scales: list[int] | None = None,
-        train_episodes: int | None = None,
-        support_min_pixels: int | None = None,
-        pool_min_pixels: int = 2048,
-        max_shot: int = 5,
-        cache_dir: str | None = None,
-        episode_list_dir: str | None = None,
-        eval_batch_size: int | None = None,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__(
-            root, fold, shot, image_size, batch_size, num_workers, test_episodes, val_episodes, seed,
-            test_seed, val_seed, protocol, train_scales, train_episodes, support_min_pixels,
-            pool_min_pixels, max_shot, cache_dir, episode_list_dir, eval_batch_size, pin_memory,
-        )  # fmt: skip
+    def __init__(self, root: str = "data/VOCdevkit/VOC2012", **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
 
     def fold_novel_classes(self, fold: int) -> list[int]:
         return list(range(5 * fold + 1, 5 * fold + 6))

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,7 +21,6 @@ from PIL import Image
 from .cache import read_json
 from .pascal import Pascal5iDataModule
 from .source import SegmentationSource
-from .transforms import Protocol
 
 GENERATOR_VERSION = 1
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
@@ -50,6 +50,34 @@ def voc_palette() -> list[int]:
             c >>= 3
         pal += [r, g, b]
     return pal
+
+
+BOUNDARY_WIDTH = 3
+"""Width in pixels of the 255 band the synthetic labels have where labels meet."""
+
+
+def add_boundary(label: np.ndarray, width: int = BOUNDARY_WIDTH) -> np.ndarray:
+    """A copy of ``label`` with a VOC-style 255 band ``width`` px wide where label values meet.
+
+    The band is the two pixels on either side of every edge (object/background and object/object),
+    grown by ``width - 2`` pixels towards +y and +x.
+    """
+    if width < 2:
+        raise ValueError(f"width must be at least 2, got {width}")
+    dy, dx = label[1:] != label[:-1], label[:, 1:] != label[:, :-1]
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[1:] |= dy
+    edge[:-1] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    for _ in range(width - 2):
+        grown = edge.copy()
+        grown[1:] |= edge[:-1]
+        grown[:, 1:] |= edge[:, :-1]
+        edge = grown
+    out = label.copy()
+    out[edge] = 255
+    return out
 
 
 def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray, aspect: float) -> np.ndarray:
@@ -130,17 +158,7 @@ def render_image(
         img[mask] = _texture(family, yy, xx, rng)[mask]
         label[mask] = c  # later objects overwrite earlier ones, as in COCO rendering
     img += rng.normal(0, 6, size=img.shape)
-    # VOC-style 255 band where labels meet (object/background and object/object edges).
-    edge = np.zeros((h, w), dtype=bool)
-    edge[1:, :] |= label[1:, :] != label[:-1, :]
-    edge[:-1, :] |= label[1:, :] != label[:-1, :]
-    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
-    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
-    grown = edge.copy()
-    grown[1:, :] |= edge[:-1, :]
-    grown[:, 1:] |= edge[:, :-1]
-    label[grown] = 255
-    return np.clip(img, 0, 255).astype(np.uint8), label
+    return np.clip(img, 0, 255).astype(np.uint8), add_boundary(label, BOUNDARY_WIDTH)
 
 
 def generator_params(num_train: int, num_val: int, seed: int, min_side: int, max_side: int) -> dict:
@@ -215,32 +233,16 @@ class SyntheticDataModule(Pascal5iDataModule):
 
     The data is generated under ``root`` on first use (``prepare_data`` or ``setup``) and
     regenerated only when missing or when the generator arguments change; it is then read
-    through the Pascal-5i code path. Sizes default small so a CPU can train on it.
+    through the Pascal-5i code path. Sizes default small so a CPU can train on it; the other
+    arguments are :class:`~datamodules.base.EpisodeDataModule`'s.
 
     Args:
         root: Folder the VOC-format synthetic dataset is written to and read from.
-        fold: Fold 0..3; class ``5 * fold + j + 1`` (j = 0..4) is novel.
-        shot: Supports per episode (K), 1..``max_shot``.
         image_size: Side of the square model input.
-        batch_size: Training episodes per batch.
         num_workers: DataLoader worker processes (episodes do not depend on it).
-        test_episodes: Episodes of the fixed test list.
         val_episodes: Episodes of the validation list (val images, other seed).
-        seed: Seed of training episodes.
-        test_seed: Seed of the test episode list.
-        val_seed: Seed of the validation episode list.
-        protocol: Test resizing, "original" or "square480" (see Pascal5iDataModule).
-        train_scales: Shortest-edge training scales; default 320..960 step 64 scaled by image_size / 480.
-        train_episodes: Training episodes per epoch; default = number of training query images.
-        support_min_pixels: Class pixels a training support crop must keep; default 1,843 scaled
-            by (image_size / 480)^2.
         pool_min_pixels: Class pixels an image needs to enter a class pool. The generated images
             are ~0.1x the area of VOC's, so the default is about 2,048 scaled down accordingly.
-        max_shot: Supports stored per listed episode.
-        cache_dir: Class-count cache folder; default ``<root>/fewshot_cache``.
-        episode_list_dir: Episode list folder; default ``<cache_dir>/episodes``.
-        eval_batch_size: Batch size of validation/test loaders; default ``batch_size``.
-        pin_memory: Pin loader memory.
         num_train: Generated training images.
         num_val: Generated val (test) images.
         generator_seed: Seed of the generated images.
@@ -254,37 +256,25 @@ class SyntheticDataModule(Pascal5iDataModule):
     def __init__(
         self,
         root: str = "data/synthetic",
-        fold: int = 0,
-        shot: int = 1,
         image_size: int = 128,
-        batch_size: int = 8,
         num_workers: int = 2,
-        test_episodes: int = 1000,
         val_episodes: int = 200,
-        seed: int = 0,
-        test_seed: int = 321,
-        val_seed: int = 123,
-        protocol: Protocol = "original",
-        train_scales: list[int] | None = None,
-        train_episodes: int | None = None,
-        support_min_pixels: int | None = None,
         pool_min_pixels: int = 200,
-        max_shot: int = 5,
-        cache_dir: str | None = None,
-        episode_list_dir: str | None = None,
-        eval_batch_size: int | None = None,
-        pin_memory: bool = False,
         num_train: int = 2000,
         num_val: int = 500,
         generator_seed: int = 0,
         min_side: int = 112,
         max_side: int = 176,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root, fold, shot, image_size, batch_size, num_workers, test_episodes, val_episodes, seed,
-            test_seed, val_seed, protocol, train_scales, train_episodes, support_min_pixels,
-            pool_min_pixels, max_shot, cache_dir, episode_list_dir, eval_batch_size, pin_memory,
-        )  # fmt: skip
+            root=root,
+            image_size=image_size,
+            num_workers=num_workers,
+            val_episodes=val_episodes,
+            pool_min_pixels=pool_min_pixels,
+            **kwargs,
+        )
         self.generator_args = {
             "num_train": num_train,
             "num_val": num_val,

@@ -45,12 +45,6 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def denormalize_image(image: torch.Tensor) -> np.ndarray:
-    """Inverse of :func:`normalize_image`: ``[3, H, W]`` -> ``[H, W, 3]`` uint8."""
-    x = image.detach().cpu().float().numpy().transpose(1, 2, 0) * _STD + _MEAN
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-
 def _pad_bottom_right(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     h, w = label.shape
     if h >= size and w >= size:

@@ -1,4 +1,4 @@
-"""Render a PNG grid of episodes of any DataModule (PIL only).
+"""Render a PNG grid of episodes of any DataModule (``fewshot_seg.visualize.episode_grid``).
 
     python -m datamodules.visualize --datamodule SyntheticDataModule --root data/synthetic \
         --split train --num 4 --out episodes.png
@@ -13,53 +13,10 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from fewshot_seg.episode import IGNORE_INDEX, EpisodeBatch, collate_episodes
-
-from .transforms import denormalize_image
-
-_CAPTION = 14
-
-
-def overlay(image: torch.Tensor, mask: torch.Tensor, color: Sequence[int] = (0, 255, 0)) -> np.ndarray:
-    """Normalised ``[3, H, W]`` image + ``[H, W]`` {0, 1, 255} mask -> ``[H, W, 3]`` uint8 overlay."""
-    rgb = denormalize_image(image).astype(np.float32)
-    m = mask.cpu().numpy()
-    fg, ign = m == 1, m == IGNORE_INDEX
-    col = np.asarray(color, dtype=np.float32)
-    rgb[fg] = 0.7 * rgb[fg] + 0.3 * col  # light tint keeps the object's own colour visible
-    rgb[ign] = 0.5 * rgb[ign] + 0.5 * 128.0
-    edge = np.zeros_like(fg)
-    edge[1:] |= fg[1:] != fg[:-1]
-    edge[:, 1:] |= fg[:, 1:] != fg[:, :-1]
-    rgb[edge] = col
-    return rgb.clip(0, 255).astype(np.uint8)
-
-
-def render_batch(batch: EpisodeBatch, class_names: dict[int, str] | None = None) -> Image.Image:
-    """A grid image of every episode of ``batch`` (rows) x (K supports + query) (columns)."""
-    b, k = batch.batch_size, batch.shot
-    h, w = batch.query_image.shape[-2:]
-    cell_h = h + _CAPTION
-    grid = Image.new("RGB", ((k + 1) * (w + 4), b * (cell_h + 4)), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for i in range(b):
-        c = int(batch.class_id[i])
-        name = (class_names or {}).get(c, str(c))
-        y = i * (cell_h + 4)
-        for j in range(k):
-            tile = overlay(batch.support_images[i, j], batch.support_masks[i, j])
-            grid.paste(Image.fromarray(tile), (j * (w + 4), y + _CAPTION))
-            draw.text(
-                (j * (w + 4) + 2, y + 1), f"S{j + 1} {batch.support_ids[i][j]}"[: w // 6], fill=(0, 0, 0)
-            )
-        tile = overlay(batch.query_image[i], batch.query_mask[i], color=(255, 0, 0))
-        grid.paste(Image.fromarray(tile), (k * (w + 4), y + _CAPTION))
-        draw.text((k * (w + 4) + 2, y + 1), f"Q c{c} {name}"[: w // 6], fill=(200, 0, 0))
-    return grid
+from fewshot_seg.episode import collate_episodes
+from fewshot_seg.visualize import episode_grid
 
 
 def render_episodes(datamodule, split: str = "train", num: int = 4) -> Image.Image:
@@ -67,7 +24,7 @@ def render_episodes(datamodule, split: str = "train", num: int = 4) -> Image.Ima
     dataset = datamodule.train_dataset() if split == "train" else datamodule.eval_dataset(split)
     samples = [dataset[i] for i in range(min(num, len(dataset)))]
     names = {i + 1: n for i, n in enumerate(getattr(datamodule, "class_names", ()))}
-    return render_batch(collate_episodes(samples), names)
+    return episode_grid(collate_episodes(samples), names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -62,7 +62,7 @@ def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) 
                 *run_dir_args(out, "s1"),
                 "--trainer.max_steps=2",
                 "--trainer.val_check_interval=2",
-                "--model.init_args.num_points=256",
+                "--model.init_args.loss.num_points=256",
             ]
         )
     finally:
@@ -71,3 +71,30 @@ def stage1_ckpt(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) 
     last = Path(cli.trainer.checkpoint_callback.last_model_path)
     assert last.name == "last.ckpt" and last.is_file()
     return last
+
+
+@pytest.fixture(scope="session")
+def stage2_ckpt(synthetic_root: Path, stage1_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``last.ckpt`` of a 1-step stage-2 demo fit on ``stage1_ckpt`` (real CLI, run folder ``s2``)."""
+    from cli_helpers import STAGE2, run_dir_args, tiny_data
+
+    from fewshot_seg.cli import main
+
+    out = tmp_path_factory.mktemp("stage2")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    try:
+        cli = main(
+            [
+                "fit",
+                *STAGE2,
+                *tiny_data(synthetic_root),
+                *run_dir_args(out, "s2"),
+                f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+                "--trainer.max_steps=1",
+                "--trainer.val_check_interval=1",
+            ]
+        )
+    finally:
+        mp.undo()
+    return Path(cli.trainer.checkpoint_callback.last_model_path)

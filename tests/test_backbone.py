@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
-from fewshot_seg.models.backbone import FrozenBatchNorm2d, build_backbone, imagenet_weights_path
+from fewshot_seg.models.backbone import build_backbone, imagenet_weights_path
+from fewshot_seg.models.freezing import freeze, is_frozen
 
 
 def _to_detectron2_name(key: str) -> str:
@@ -61,9 +63,10 @@ def test_frozen_batchnorm_matches_eval_batchnorm() -> None:
 def test_frozen_bn_option_and_freeze() -> None:
     plain = build_backbone("resnet18", weights=None, frozen_bn=False)
     assert isinstance(plain.bn1, nn.BatchNorm2d)
-    frozen = build_backbone("resnet18", weights=None).freeze()
+    frozen = freeze(build_backbone("resnet18", weights=None))
     assert isinstance(frozen.layer1[0].bn1, FrozenBatchNorm2d)
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert is_frozen(frozen) and not is_frozen(plain)
 
 
 def test_load_torchvision_and_detectron2_files(tmp_path: Path) -> None:

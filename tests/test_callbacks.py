@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fewshot_seg.config import OptimizerConfig
 from fewshot_seg.lightning.callbacks import FreezeModules
 from fewshot_seg.lightning.optim import build_optimizer
 
@@ -28,7 +29,7 @@ class _Toy(pl.LightningModule):
         return self.head(self.backbone(x)).pow(2).mean()
 
     def configure_optimizers(self):
-        return build_optimizer(self, lr=1e-2, max_steps=100)
+        return build_optimizer(self, OptimizerConfig(lr=1e-2), max_steps=100)
 
 
 def _fit(callbacks: list[pl.Callback], tmp_path) -> tuple[_Toy, dict, dict]:

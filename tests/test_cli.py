@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ from cli_helpers import STAGE2, cfg, run_dir_args, tiny_data
 from PIL import Image
 
 from fewshot_seg.cli import main
-from fewshot_seg.lightning.base import STAGE_KEY
-from fewshot_seg.lightning.mm_module import STAGE1_HPARAMS, MMModule, Stage1CheckpointError
+from fewshot_seg.config import MaskMatchingConfig, POSConfig
+from fewshot_seg.lightning.checkpoints import STAGE_KEY
+from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
 
 
 def test_stage1_checkpoint_and_run_folder(stage1_ckpt: Path) -> None:
@@ -25,8 +27,12 @@ def test_stage1_checkpoint_and_run_folder(stage1_ckpt: Path) -> None:
     assert (run / "config.yaml").is_file()
     # Stage 1 monitors the oracle; the best checkpoint is kept next to last.ckpt.
     assert list(stage1_ckpt.parent.glob("best-step*.ckpt"))
-    # Frozen stage-1 pieces are never in the optimiser (demo: trainable backbone, so all params).
-    assert ckpt["hyper_parameters"]["backbone"] == "resnet18"
+    # The demo trains its backbone: every parameter (backbone and POS) is in the optimiser.
+    assert ckpt["hyper_parameters"]["backbone"]["name"] == "resnet18"
+    optimised = sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"])
+    assert optimised == len(
+        [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "running" not in k]
+    )
 
 
 def test_stage2_fit_resume_and_test(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
@@ -50,6 +56,9 @@ def test_stage2_fit_resume_and_test(stage1_ckpt: Path, synthetic_root: Path, tmp
         assert torch.equal(s1[k], after[k]), k
     assert not any(p.requires_grad for p in cli.model.backbone.parameters())
     assert not any(p.requires_grad for p in cli.model.pos.parameters())
+    # Frozen stage-1 pieces are never in the optimiser: exactly the Mask Matching parameters are.
+    opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in cli.model.mm.parameters()}
 
     # Resume the same run (same logger version -> same checkpoint folder) from last.ckpt.
     cli2 = main(
@@ -92,34 +101,35 @@ def test_stage2_fit_resume_and_test(stage1_ckpt: Path, synthetic_root: Path, tmp
 
     # A stage-2 checkpoint where stage 1 is expected: refused, naming the problem.
     with pytest.raises(Stage1CheckpointError, match="stage-2"):
-        MMModule(stage1_checkpoint=str(last), **_stage1_sizes(stage1_ckpt))
+        MMModule(stage1_checkpoint=str(last), mm=SMALL_MM)
 
 
-def _stage1_sizes(ckpt: Path, **over) -> dict:
-    """The checkpoint's own backbone/POS settings (whatever the demo YAML says), small MM head, overrides."""
-    hp = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    sizes = {k: hp[k] for k in STAGE1_HPARAMS}
-    return {**sizes, "backbone_weights": None, "mm_dim": 32, "matching_hidden": 16, **over}
+SMALL_MM = MaskMatchingConfig(dim=32, matching_hidden=16)
+
+
+def _recorded_pos(ckpt: Path) -> POSConfig:
+    """The checkpoint's own POS settings (whatever the demo YAML says)."""
+    return POSConfig(**torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["pos"])
 
 
 def test_stage2_refuses_wrong_shapes(stage1_ckpt: Path) -> None:
     # The stage-1 run's settings are recorded in its checkpoint: a different one is refused by name.
-    dim = _stage1_sizes(stage1_ckpt)["pos_dim"]
-    wrong = rf"pos_dim: {dim} \(checkpoint\) vs {dim // 2} \(model\)"
+    pos = _recorded_pos(stage1_ckpt)
+    wrong = rf"pos.dim: {pos.dim} \(checkpoint\) vs {pos.dim // 2} \(model\)"
     with pytest.raises(Stage1CheckpointError, match=wrong):
-        MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt, pos_dim=dim // 2))
+        MMModule(stage1_checkpoint=str(stage1_ckpt), pos=replace(pos, dim=pos.dim // 2), mm=SMALL_MM)
     with pytest.raises(Stage1CheckpointError, match="backbone"):
-        MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt, backbone="resnet34"))
+        MMModule(stage1_checkpoint=str(stage1_ckpt), backbone={"name": "resnet34"}, mm=SMALL_MM)
     with pytest.raises(Stage1CheckpointError, match="does not exist"):
-        MMModule(stage1_checkpoint="/nonexistent/last.ckpt", **_stage1_sizes(stage1_ckpt))
+        MMModule(stage1_checkpoint="/nonexistent/last.ckpt", mm=SMALL_MM)
     # The right sizes load.
-    MMModule(stage1_checkpoint=str(stage1_ckpt), **_stage1_sizes(stage1_ckpt))
+    MMModule(stage1_checkpoint=str(stage1_ckpt), pos=pos, mm=SMALL_MM)
 
 
 def test_stage2_cli_names_wrong_checkpoint(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
     # jsonargparse re-raises instantiation errors as ValueError (Stage1CheckpointError is one) with our text.
-    n = _stage1_sizes(stage1_ckpt)["num_queries"]
-    with pytest.raises(ValueError, match=rf"num_queries.*{n} \(checkpoint\) vs {n + 1} \(model\)"):
+    n = _recorded_pos(stage1_ckpt).num_queries
+    with pytest.raises(ValueError, match=rf"pos.num_queries: {n} \(checkpoint\) vs {n + 1} \(model\)"):
         main(
             [
                 "fit",
@@ -127,13 +137,15 @@ def test_stage2_cli_names_wrong_checkpoint(stage1_ckpt: Path, synthetic_root: Pa
                 *tiny_data(synthetic_root),
                 *run_dir_args(tmp_path),
                 f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
-                f"--model.init_args.num_queries={n + 1}",
+                f"--model.init_args.pos.num_queries={n + 1}",
                 "--trainer.fast_dev_run=true",
             ]
         )
 
 
-def test_predict_writes_masks_and_overlays(stage1_ckpt: Path, synthetic_root: Path, tmp_path: Path) -> None:
+def test_predict_writes_masks_and_overlays(
+    stage1_ckpt: Path, stage2_ckpt: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
     # A user folder: one support with its mask, two queries (one without a mask).
     folder = tmp_path / "episode"
     for d in ("supports", "queries"):
@@ -147,18 +159,18 @@ def test_predict_writes_masks_and_overlays(stage1_ckpt: Path, synthetic_root: Pa
     for i, p in enumerate(imgs[1:]):
         Image.open(p).save(folder / "queries" / f"q{i}.jpg")
     pred_dir = tmp_path / "pred"
-    # The data class comes before the stage file, which sets data.init_args.batch_size.
+    # Config order does not matter: the stage file sets nothing of the data.
     main(
         [
             "predict",
-            *cfg("trainer.yaml"),
+            *cfg("stage2_mm_cpu_demo.yaml", "trainer.yaml"),
             "--data=datamodules.FolderEpisodeDataModule",
-            *cfg("stage2_mm_cpu_demo.yaml"),
             *run_dir_args(tmp_path / "runs"),
             f"--data.root={folder}",
             "--data.image_size=64",
             f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
             f"--model.init_args.predict_dir={pred_dir}",
+            f"--ckpt_path={stage2_ckpt}",
         ]
     )
     for i, p in enumerate(imgs[1:]):

@@ -59,5 +59,7 @@ def test_visualize_writes_png(tmp_path):
         visualize_main(["--datamodule", "Pascal5iDataModule", "--root", str(root), "--split", split,
                         "--num", "3", "--image-size", "48", "--out", str(out)])  # fmt: skip
         im = Image.open(out)
-        assert im.format == "PNG" and im.size[0] == 2 * (48 + 4) and im.size[1] > 3 * 48
+        assert (
+            im.format == "PNG" and im.size[0] == 4 + 2 * (48 + 4) and im.size[1] > 3 * 48
+        )  # make_grid padding 4
         assert np.asarray(im).std() > 10  # not blank

@@ -83,7 +83,7 @@ def test_ddp_test_matches_single_process(synthetic_root: Path, tmp_path: Path) -
             *_data(root),
             *run_dir_args(tmp_path / "s1", "s1"),
             "--trainer.limit_val_batches=1",
-            "--model.init_args.num_points=256",
+            "--model.init_args.loss.num_points=256",
         ]
     )
     s1 = _decisive_proposals(s1)

@@ -1,71 +1,113 @@
-"""Every YAML of lightning_configs/ through the real CLI (fit + test with fast_dev_run where data exists)."""
+"""Every YAML of lightning_configs/ through the real CLI: fit, then test from the fit's checkpoint.
+
+The data files run on tiny trees in their real on-disk formats (synthetic, fake VOC, fake COCO) with
+the demo-size stage files; the paper-size stage files run too (slow); only the GPU trainer file is
+parsed alone (no GPU in CI).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import CONFIGS, cfg, run_dir_args, tiny_data
 
+from datamodules.fake import make_fake_coco, make_fake_voc
 from fewshot_seg.cli import main
 
 ALL_YAML = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 DEMO_STAGES = ["stage1_pos_cpu_demo.yaml", "stage2_mm_cpu_demo.yaml"]
 PAPER_STAGES = ["stage1_pos.yaml", "stage2_mm.yaml"]
-# Real datasets / a GPU are not available in tests: these are parsed and validated only.
+DATA = ["data_synthetic.yaml", "data_pascal.yaml", "data_coco.yaml"]
+# No GPU in CI: parsed and validated only.
 PARSE_ONLY = {
-    "data_pascal.yaml": ["trainer.yaml", "data_pascal.yaml", "stage1_pos.yaml"],
-    "data_coco.yaml": ["trainer.yaml", "data_coco.yaml", "stage2_mm.yaml"],
     "trainer_gpu.yaml": [
         "trainer.yaml",
         "trainer_gpu.yaml",
         "data_synthetic.yaml",
         "stage1_pos_cpu_demo.yaml",
-    ],
+    ]
 }
+SMALL = [
+    "--data.init_args.image_size=64",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.val_episodes=2",
+    "--data.init_args.test_episodes=6",
+]
 
 
 def test_every_yaml_is_covered() -> None:
-    covered = {"trainer.yaml", "data_synthetic.yaml", *DEMO_STAGES, *PAPER_STAGES, *PARSE_ONLY}
+    covered = {"trainer.yaml", *DATA, *DEMO_STAGES, *PAPER_STAGES, *PARSE_ONLY}
     assert set(ALL_YAML) == covered, "a new YAML needs a test here"
 
 
-def _fit_and_test(stage: str, root: Path, tmp: Path, extra: list[str]) -> None:
-    args = [
-        *cfg("trainer.yaml", "data_synthetic.yaml", stage),
-        *tiny_data(root),
-        *extra,
-        "--trainer.fast_dev_run=true",
-    ]
-    fit = main(["fit", *args, *run_dir_args(tmp / "fit")])
-    assert fit.trainer.global_step == 1
-    test = main(["test", *args, *run_dir_args(tmp / "test")])
-    logged = test.trainer.callback_metrics
-    key = "test/miou" if "mm" in stage else "test/oracle_miou"
-    assert key in logged and 0.0 <= float(logged[key]) <= 100.0
+@pytest.fixture(scope="module")
+def roots(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Data arguments per data file: the tiny tree it reads."""
+    tmp = tmp_path_factory.mktemp("data")
+    return {
+        "data_synthetic.yaml": tiny_data(synthetic_root),
+        "data_pascal.yaml": [f"--data.init_args.root={make_fake_voc(tmp / 'voc', per_class=3)}", *SMALL],
+        "data_coco.yaml": [f"--data.init_args.root={make_fake_coco(tmp / 'coco', per_class=2)}", *SMALL],
+    }
 
 
-@pytest.mark.parametrize("stage", DEMO_STAGES)
-def test_demo_stage_fit_and_test(
-    stage: str, synthetic_root: Path, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if "pos" in stage:
-        extra = ["--model.init_args.num_points=256"]
-    else:  # the stage-2 demo repeats no POS sizes: it needs its stage-1 checkpoint
-        extra = [f"--model.init_args.stage1_checkpoint={request.getfixturevalue('stage1_ckpt')}"]
-    _fit_and_test(stage, synthetic_root, tmp_path, extra)
+def _fit_then_test(data: str, stage: str, data_args: list[str], tmp: Path, extra: list[str]) -> dict:
+    """Fit 2 steps, test the last checkpoint; check what each run must produce; return results.json."""
+    args = [*cfg(stage, data, "trainer.yaml"), *data_args, *extra]  # order does not matter
+    fit = main(
+        ["fit", *args, *run_dir_args(tmp, "fit"), "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+    )
+    assert fit.trainer.global_step == 2
+    assert math.isfinite(float(fit.trainer.callback_metrics["train/loss"]))
+    last = Path(fit.trainer.checkpoint_callback.last_model_path)
+    assert last.is_file() and (last.parent.parent / "config.yaml").is_file()
+
+    test = main(["test", *args, *run_dir_args(tmp, "test"), f"--ckpt_path={last}"])
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in test.model.state_dict().items():  # the test scored the fitted weights
+        assert torch.equal(v, saved[k]), k
+    res = json.loads((tmp / "fewshot-seg" / "test" / "results.json").read_text())
+    dm = test.datamodule
+    assert res["dataset"] == dm.name and res["fold"] == dm.fold and res["shot"] == dm.shot
+    assert sorted(int(c) for c in res["class_iou"]) == dm.novel_classes
+    assert sum(res["class_episodes"].values()) == dm.test_episodes
+    assert 0.0 <= res["miou"] <= 100.0
+    return res
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_data_and_demo_stages_fit_and_test(data: str, roots: dict, tmp_path: Path) -> None:
+    res1 = _fit_then_test(
+        data, DEMO_STAGES[0], roots[data], tmp_path / "s1", ["--model.init_args.loss.num_points=256"]
+    )
+    assert res1["stage"] == "pos" and res1["baseline_miou"] is None
+    last = next((tmp_path / "s1" / "fewshot-seg" / "fit" / "checkpoints").glob("last.ckpt"))
+    res2 = _fit_then_test(
+        data, DEMO_STAGES[1], roots[data], tmp_path / "s2", [f"--model.init_args.stage1_checkpoint={last}"]
+    )
+    assert res2["stage"] == "mm"
+    for key in ("oracle_miou", "baseline_miou", "oracle_class_iou", "baseline_class_iou"):
+        assert res2[key] is not None, key
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", PAPER_STAGES)
-def test_paper_stage_fit_and_test(stage: str, synthetic_root: Path, tmp_path: Path) -> None:
+def test_paper_stages_fit_and_test(synthetic_root: Path, tmp_path: Path) -> None:
     # Paper-size ResNet-50 + POS on CPU; no ImageNet download in tests.
-    extra = ["--model.init_args.backbone_weights=null"]
-    _fit_and_test(
-        stage,
-        synthetic_root,
-        tmp_path,
-        extra + (["--model.init_args.num_points=256"] if "pos" in stage else []),
+    data = tiny_data(synthetic_root)
+    extra = ["--model.init_args.backbone.weights=null", "--model.init_args.loss.num_points=256"]
+    _fit_then_test("data_synthetic.yaml", PAPER_STAGES[0], data, tmp_path / "s1", extra)
+    last = tmp_path / "s1" / "fewshot-seg" / "fit" / "checkpoints" / "last.ckpt"
+    _fit_then_test(
+        "data_synthetic.yaml",
+        PAPER_STAGES[1],
+        data,
+        tmp_path / "s2",
+        [f"--model.init_args.stage1_checkpoint={last}"],
     )
 
 
@@ -78,7 +120,24 @@ def test_parse_only_configs(name: str, capsys: pytest.CaptureFixture) -> None:
     assert "class_path" in printed
     if name == "trainer_gpu.yaml":
         assert "bf16-mixed" in printed
-    # Never a hard-coded W&B mode in YAML: the environment decides.
-    for p in CONFIGS.glob("*.yaml"):
-        assert "WANDB_MODE" not in p.read_text() or p.name == "trainer.yaml"
-        assert "offline:" not in p.read_text()
+
+
+def test_no_wandb_mode_in_any_yaml() -> None:
+    # The environment decides W&B's mode, never a config file.
+    for p in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("sweeps/*.yaml")]:
+        text = p.read_text()
+        assert "WANDB_MODE" not in text.replace("WANDB_MODE says", "") and "offline:" not in text, p.name
+
+
+def test_config_order_does_not_matter(capsys: pytest.CaptureFixture) -> None:
+    printed = []
+    for order in (
+        ("trainer.yaml", "data_pascal.yaml", "stage2_mm.yaml"),
+        ("stage2_mm.yaml", "data_pascal.yaml", "trainer.yaml"),
+        ("data_pascal.yaml", "stage2_mm.yaml", "trainer.yaml"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["fit", *cfg(*order), "--print_config"])
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] == printed[2]
+    assert "batch_size: 4" in printed[0]  # stage 2's global batch

@@ -1,7 +1,7 @@
 """The real POSModule / MMModule keep frozen weights *and* BatchNorm statistics bit-identical in a fit.
 
 Tiny synthetic data (64 px), ResNet-18 without weights and a small POS; a few optimisation steps.
-Stage 1 uses the paper setting ``freeze_backbone=True`` with ``frozen_bn=False``: real
+Stage 1 uses the paper setting ``backbone.freeze=True`` with ``backbone.frozen_bn=False``: real
 ``nn.BatchNorm2d`` layers with running statistics, which only the freezing callback (eval mode)
 keeps from drifting - the control test shows they do drift without it. Stage 2 builds its
 backbone/POS from the stage-1 checkpoint's saved settings alone (no sizes repeated).
@@ -10,6 +10,7 @@ backbone/POS from the stage-1 checkpoint's saved settings alone (no sizes repeat
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -18,24 +19,16 @@ import torch
 from cli_helpers import GEN
 from torch import Tensor, nn
 
+from fewshot_seg.config import BackboneConfig, MaskMatchingConfig, OptimizerConfig, POSConfig, POSLossConfig
 from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
 from fewshot_seg.lightning.pos_module import POSModule
 
 # A small POS (ResNet-18, width 64, 20 queries) with few points: quick on a CPU.
-SMALL_POS = dict(
-    backbone="resnet18",
-    backbone_weights=None,
-    num_queries=20,
-    pos_dim=64,
-    pos_heads=4,
-    enc_layers=2,
-    enc_ffn=128,
-    dec_layers=3,
-    dec_ffn=256,
-    norm_groups=8,
-    num_points=256,
+SMALL_BACKBONE = BackboneConfig(name="resnet18", weights=None)
+SMALL_POS = POSConfig(
+    num_queries=20, dim=64, heads=4, enc_layers=2, enc_ffn=128, dec_layers=3, dec_ffn=256, norm_groups=8
 )
-SMALL_MM = dict(mm_dim=32, mm_heads=4, mm_ffn=64, matching_hidden=16, kv_min_size=4)
+SMALL_MM = dict(mm=MaskMatchingConfig(dim=32, heads=4, ffn=64, matching_hidden=16, kv_min_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +81,14 @@ def _changed(before: dict[str, Tensor], after: dict[str, Tensor], prefix: str) -
     return [k for k, v in _items(before, (prefix,)) if not torch.equal(v, after[k])]
 
 
-def _stage1_model(**over) -> POSModule:
+def _stage1_model() -> POSModule:
     torch.manual_seed(0)
-    model = POSModule(**{**SMALL_POS, "freeze_backbone": True, "frozen_bn": False, "lr": 1e-3, **over})
+    model = POSModule(
+        backbone=BackboneConfig(name="resnet18", weights=None, freeze=True, frozen_bn=False),
+        pos=SMALL_POS,
+        loss=POSLossConfig(num_points=256),
+        optim=OptimizerConfig(lr=1e-3),
+    )
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     # The option under test: real BatchNorm with running statistics, not FrozenBatchNorm2d.
     assert bns and all(type(m) is nn.BatchNorm2d and m.track_running_stats for m in bns)
@@ -138,10 +136,9 @@ def test_stage2_frozen_backbone_and_pos_bit_identical(stage1, datamodule, tmp_pa
     _, stage1_after, ckpt = stage1
     torch.manual_seed(0)
     # No backbone/POS size given: all taken from the stage-1 checkpoint.
-    model = MMModule(stage1_checkpoint=str(ckpt), lr=1e-3, **SMALL_MM)
-    assert model.hparams.num_queries == SMALL_POS["num_queries"]
-    assert model.hparams.pos_dim == SMALL_POS["pos_dim"]
-    assert model.hparams.backbone == "resnet18"
+    model = MMModule(stage1_checkpoint=str(ckpt), optim=OptimizerConfig(lr=1e-3), **SMALL_MM)
+    assert model.hparams.pos == asdict(SMALL_POS)
+    assert model.hparams.backbone["name"] == "resnet18"
     before = _snapshot(model)
     frozen = list(_items(before, ("backbone.", "pos.")))
     # Loaded from stage 1 (FrozenBatchNorm2d in stage 2 keeps no step counter).
@@ -161,7 +158,7 @@ def test_stage2_frozen_backbone_and_pos_bit_identical(stage1, datamodule, tmp_pa
     s2 = tmp_path / "stage2.ckpt"
     trainer.save_checkpoint(s2)
     hp = torch.load(s2, map_location="cpu", weights_only=True)["hyper_parameters"]
-    assert hp["num_queries"] == 20 and hp["pos_dim"] == 64 and hp["backbone"] == "resnet18"
+    assert hp["pos"] == asdict(SMALL_POS) and hp["backbone"]["name"] == "resnet18"
     reloaded = MMModule.load_from_checkpoint(s2)
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, after[k]), k
@@ -170,9 +167,13 @@ def test_stage2_frozen_backbone_and_pos_bit_identical(stage1, datamodule, tmp_pa
 def test_stage2_takes_architecture_from_stage1_checkpoint(stage1, tmp_path: Path) -> None:
     _, _, ckpt = stage1
     # A setting equal to the recorded one is accepted; a different one is refused by name.
-    MMModule(stage1_checkpoint=str(ckpt), num_queries=20, backbone="resnet18", **SMALL_MM)
-    with pytest.raises(Stage1CheckpointError, match=r"enc_layers: 2 \(checkpoint\) vs 6 \(model\)"):
-        MMModule(stage1_checkpoint=str(ckpt), enc_layers=6, **SMALL_MM)
+    MMModule(stage1_checkpoint=str(ckpt), pos=SMALL_POS, backbone=SMALL_BACKBONE, **SMALL_MM)
+    with pytest.raises(Stage1CheckpointError, match=r"pos.enc_layers: 2 \(checkpoint\) vs 6 \(model\)"):
+        MMModule(stage1_checkpoint=str(ckpt), pos=replace(SMALL_POS, enc_layers=6), **SMALL_MM)
+    with pytest.raises(
+        Stage1CheckpointError, match=r"backbone.name: 'resnet18' \(checkpoint\) vs 'resnet34'"
+    ):
+        MMModule(stage1_checkpoint=str(ckpt), backbone=BackboneConfig(name="resnet34"), **SMALL_MM)
     # A checkpoint that records no settings: the given sizes (or the paper's) are used, and a
     # mismatch surfaces as named shape errors.
     bare = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -180,20 +181,21 @@ def test_stage2_takes_architecture_from_stage1_checkpoint(stage1, tmp_path: Path
     bare_path = tmp_path / "bare.ckpt"
     torch.save(bare, bare_path)
     with pytest.raises(Stage1CheckpointError, match="shape mismatches"):
-        MMModule(stage1_checkpoint=str(bare_path), **{**_sizes(), "pos_dim": 32}, **SMALL_MM)
-    m = MMModule(stage1_checkpoint=str(bare_path), **_sizes(), **SMALL_MM)
-    assert m.hparams.pos_dim == 64
+        MMModule(
+            stage1_checkpoint=str(bare_path),
+            backbone=SMALL_BACKBONE,
+            pos=replace(SMALL_POS, dim=32),
+            **SMALL_MM,
+        )
+    m = MMModule(stage1_checkpoint=str(bare_path), backbone=SMALL_BACKBONE, pos=SMALL_POS, **SMALL_MM)
+    assert m.hparams.pos["dim"] == 64
 
 
 def test_no_checkpoint_means_paper_architecture() -> None:
-    from fewshot_seg.lightning.mm_module import paper_architecture
+    from fewshot_seg.lightning.mm_module import resolve_architecture
 
-    paper = paper_architecture()
-    assert paper["num_queries"] == 100 and paper["pos_dim"] == 256 and paper["backbone"] == "resnet50"
+    backbone, pos = resolve_architecture(None, None, None)
+    assert pos.num_queries == 100 and pos.dim == 256 and backbone.name == "resnet50"
     # Overrides apply without a checkpoint (small backbone, no ImageNet download in tests).
-    m = MMModule(stage1_checkpoint=None, backbone_weights=None, **_sizes(), **SMALL_MM)
-    assert m.hparams.num_queries == 20 and m.pos.num_queries == 20
-
-
-def _sizes() -> dict:
-    return {k: v for k, v in SMALL_POS.items() if k not in ("num_points", "backbone_weights")}
+    m = MMModule(stage1_checkpoint=None, backbone=SMALL_BACKBONE, pos=SMALL_POS, **SMALL_MM)
+    assert m.hparams.pos["num_queries"] == 20 and m.pos.num_queries == 20

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fewshot_seg.models.backbone import ResNetBackbone, build_backbone
 from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion, semantic_to_targets
+from fewshot_seg.models.freezing import freeze
 from fewshot_seg.models.mask_matching import MaskMatching
 from fewshot_seg.models.pos import PotentialObjectsSegmenter
 
@@ -28,7 +29,7 @@ class Models(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone: ResNetBackbone = build_backbone("resnet18", weights=None).freeze()
+        self.backbone: ResNetBackbone = freeze(build_backbone("resnet18", weights=None))
         self.pos = PotentialObjectsSegmenter(
             in_channels=R18,
             conv_dim=32,

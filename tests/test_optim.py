@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_seg.lightning.optim import build_optimizer, param_groups, poly_lambda, resolve_max_steps
+from fewshot_seg.config import OptimizerConfig
+from fewshot_seg.lightning.optim import build_optimizer, param_groups, resolve_max_steps
 
 
 class _CustomFrozenNorm(nn.Module):
@@ -87,12 +88,8 @@ def test_nothing_trainable_is_an_error() -> None:
 
 
 def test_poly_schedule_per_step() -> None:
-    f = poly_lambda(100, 0.9)
-    assert f(0) == 1.0
-    assert f(50) == pytest.approx(0.5**0.9)
-    assert f(100) == 0.0 and f(150) == 0.0
     model = nn.Linear(2, 2)
-    cfg = build_optimizer(model, lr=1e-4, weight_decay=0.05, max_steps=10)
+    cfg = build_optimizer(model, OptimizerConfig(lr=1e-4, weight_decay=0.05), max_steps=10)
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.AdamW)
     assert cfg["lr_scheduler"]["interval"] == "step"
@@ -104,6 +101,11 @@ def test_poly_schedule_per_step() -> None:
     expected = [1e-4 * (1 - s / 10) ** 0.9 for s in range(10)]
     assert lrs == pytest.approx(expected)
     assert opt.param_groups[0]["lr"] == 0.0
+    opt.step()
+    sched.step()  # past the end it stays 0
+    assert opt.param_groups[0]["lr"] == 0.0
+    with pytest.raises(ValueError, match="max_steps"):
+        build_optimizer(model, OptimizerConfig(), max_steps=0)
 
 
 def test_resolve_max_steps() -> None:

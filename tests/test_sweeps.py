@@ -72,10 +72,11 @@ def test_demo_sweep_runs(synthetic_root: Path, tmp_path: Path) -> None:
             *command_args(sweep, values),
             *tiny_data(synthetic_root),
             *run_dir_args(tmp_path / "runs"),
-            "--model.init_args.num_points=256",
+            "--model.init_args.loss.num_points=256",
             "--trainer.fast_dev_run=true",
         ]
     )
     assert cli.trainer.global_step == 1
-    for key, v in values.items():
-        assert cli.model.hparams[key.rsplit(".", 1)[-1]] == pytest.approx(v)
+    for key, v in values.items():  # model.init_args.<group>.<field>
+        group, field = key.split(".")[-2:]
+        assert cli.model.hparams[group][field] == pytest.approx(v)

@@ -1,22 +1,64 @@
 """``fewshot-seg``: LightningCLI entry point (fit / validate / test / predict).
 
 Model and data are chosen by class path (``--model POSModule|MMModule``, ``--data SyntheticDataModule``
-...) or by the YAML files in ``lightning_configs/`` (composable: ``-c a.yaml -c b.yaml``).
+...) or by the YAML files in ``lightning_configs/`` (composable, in any order: ``-c a.yaml -c b.yaml``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 # Imported so that short class names (--model MMModule, --data SyntheticDataModule) resolve.
-import datamodules  # noqa: F401
+import datamodules
 import fewshot_seg.lightning  # noqa: F401
+from fewshot_seg import config_dir
+from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
 from fewshot_seg.lightning.results import run_dir
+
+DESCRIPTION = f"""\
+fewshot-seg: MM-Former few-shot segmentation (train, evaluate, predict) with LightningCLI.
+
+Start from the YAML files shipped in {config_dir()} (also `lightning_configs/` in a checkout):
+one trainer file, one data file and one stage file, in any order, e.g.
+
+  fewshot-seg fit -c lightning_configs/trainer.yaml -c lightning_configs/data_synthetic.yaml \\
+                  -c lightning_configs/stage1_pos_cpu_demo.yaml
+
+then override any value: --data.init_args.fold=1, --model.init_args.optim.lr=3e-4, ...
+`fewshot-seg fit --model.help MMModule` / `--data.help Pascal5iDataModule` list a class's options.
+Paths (configs, data roots, checkpoints, run folders) are relative to the working directory.
+"""
+
+
+def _quiet_known_warnings() -> None:
+    """Silence third-party warnings that say nothing about the user's run, each by message and module."""
+    rules = [
+        # torch's pytree deprecation, raised inside Lightning's utilities on every run.
+        (r".*LeafSpec.*", FutureWarning, r"(torch|lightning_utilities|pytorch_lightning).*"),
+        (r".*LeafSpec.*", DeprecationWarning, r"(torch|lightning_utilities|pytorch_lightning).*"),
+        # Lightning counts the deliberately frozen backbone/POS (eval mode) as "modules in eval mode".
+        (r"Found \d+ module\(s\) in eval mode", UserWarning, r"pytorch_lightning.*"),
+    ]
+    for message, category, module in rules:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    # An advertisement Lightning logs at INFO on every Trainer construction.
+    rank_zero_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropTip) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropTip())
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
 
 
 def _wandb_available() -> bool:
@@ -24,31 +66,62 @@ def _wandb_available() -> bool:
 
 
 class RunDirSaveConfig(SaveConfigCallback):
-    """Saves ``config.yaml`` into this run's folder (next to its checkpoints and results).
+    """Saves the resolved config into this run's folder (next to its checkpoints and results).
 
-    The stock callback writes to ``Trainer.log_dir``, which for W&B is the bare ``save_dir`` that
-    every run shares.
+    The stock callback writes to ``Trainer.log_dir``, which for W&B is the bare ``save_dir`` that every
+    run shares. An existing file is never overwritten (a resumed run keeps its first run's
+    ``config.yaml`` and writes ``config-2.yaml``, ...).
     """
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(
-            self.config,
-            str(folder / self.config_filename),
-            skip_none=False,
-            overwrite=self.overwrite,
-            multifile=self.multifile,
-        )
+        path = folder / self.config_filename
+        n = 2
+        while path.exists():
+            path = folder / f"{Path(self.config_filename).stem}-{n}{Path(self.config_filename).suffix}"
+            n += 1
+        self.parser.save(self.config, str(path), skip_validation=True, multifile=self.multifile)
+        self.saved_path = path
 
 
 class FewShotCLI(LightningCLI):
-    """LightningCLI with a W&B -> CSV logger fallback when ``wandb`` is not installed."""
+    """LightningCLI with this project's conveniences.
+
+    * A ``--ckpt_path`` checkpoint fixes the model's *architecture* (``architecture_hparams``: the
+      backbone / POS / Mask Matching configurations its weights were trained with); every other
+      hyper-parameter stays as the command line and config files say. (Stock LightningCLI re-applies
+      all saved hyper-parameters over the command line.)
+    * W&B -> CSV logger fallback when ``wandb`` is not installed.
+    * ``fit`` ends by printing the run folder and checkpoints; ``predict`` by printing where it wrote.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        if not self.config.get("subcommand"):
+            return
+        cfg = self.config[self.config.subcommand]
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
+            return
+        ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
+        hparams = ckpt.get("hyper_parameters") or {}
+        model_cls = _model_class(cfg)
+        stage = checkpoint_stage(ckpt) if "state_dict" in ckpt else None
+        if model_cls is not None and stage and getattr(model_cls, "stage", stage) != stage:
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path!r} is a {STAGE_CLASS.get(stage, stage)} (stage {stage!r}) "
+                f"checkpoint, but the config builds {model_cls.__name__}: use that stage's config file"
+            )
+        keys = getattr(model_cls, "architecture_hparams", ())
+        recorded = {k: hparams[k] for k in keys if hparams.get(k) is not None}
+        if recorded and model_cls is not None:
+            model = {"class_path": f"{model_cls.__module__}.{model_cls.__name__}", "init_args": recorded}
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
-        if _wandb_available() or logger is None:
+        if _wandb_available() or logger is None or logger is False:
             return
         entries = logger if isinstance(logger, list) else [logger]
         for entry in entries:
@@ -60,11 +133,45 @@ class FewShotCLI(LightningCLI):
                     save_dir=args.get("save_dir") or "runs", name=args.get("project") or "fewshot-seg"
                 )
 
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = run_dir(self.trainer)
+        ckpt = self.trainer.checkpoint_callback
+        print(f"run folder: {folder}")
+        if ckpt is not None:
+            if getattr(ckpt, "best_model_path", ""):
+                print(f"best checkpoint: {ckpt.best_model_path}")
+            if getattr(ckpt, "last_model_path", ""):
+                print(f"last checkpoint: {ckpt.last_model_path}")
+
+    def after_predict(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        model = self.model
+        folder = Path(getattr(model, "predict_dir", None) or run_dir(self.trainer) / "predictions")
+        print(f"predictions written to {folder}")
+
+
+def _model_class(cfg: Any) -> type | None:
+    model = cfg.get("model") if cfg is not None else None
+    path = getattr(model, "class_path", None) or (
+        model.get("class_path") if isinstance(model, dict) else None
+    )
+    if not path:
+        return None
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
 
 def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); returns the CLI object (tests)."""
     # Offline unless the environment chooses (WANDB_MODE=online/disabled); never fixed in YAML.
     os.environ.setdefault("WANDB_MODE", "offline")
+    _quiet_known_warnings()
     try:
         return _make_cli(args, run)
     finally:
@@ -73,8 +180,12 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
 
 
 def entry_point() -> None:
-    """Console script ``fewshot-seg``: returns nothing, so the shell sees exit status 0 on success."""
-    main()
+    """Console script ``fewshot-seg``: exit 0 on success; a user error prints one line and exits 2."""
+    try:
+        main()
+    except (CheckpointError, datamodules.DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _finish_wandb() -> None:
@@ -95,11 +206,22 @@ def _make_cli(args: list[str] | None, run: bool) -> FewShotCLI:
         subclass_mode_data=True,
         save_config_callback=RunDirSaveConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+        parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_help_formatter()},
         args=args,
         run=run,
         auto_configure_optimizers=False,
     )
 
 
+def _raw_help_formatter() -> type:
+    from jsonargparse import DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep the description's layout
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return Formatter
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -41,6 +41,26 @@ def episode_intersection_union(
     return torch.stack([bg_i, fg_i]), torch.stack([bg_u, fg_u])
 
 
+def fewshot_iou(
+    intersection: Tensor, union: Tensor, variant: Variant = "hsnet"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Class mIoU, FB-IoU and per-class IoU from per-class summed areas (SPEC §6).
+
+    Args:
+        intersection: ``[2, C]`` background/foreground intersections summed over each class's episodes.
+        union: ``[2, C]`` the unions, likewise.
+        variant: ``"hsnet"`` divides by ``max(U, 1)``, ``"pfenet"`` by ``U + 1e-10``.
+
+    Returns:
+        ``(miou, fbiou, class_iou [C])`` in percent, float64; a class without episodes has IoU 0.
+    """
+    num, den = intersection.double(), union.double()
+    ratio = (lambda a, b: a / b.clamp(min=1.0)) if variant == "hsnet" else (lambda a, b: a / (b + 1e-10))
+    class_iou = 100.0 * ratio(num[1], den[1])
+    fbiou = 100.0 * ratio(num.sum(dim=1), den.sum(dim=1)).mean()
+    return class_iou.mean(), fbiou, class_iou
+
+
 class FewShotIoU(Metric):
     """Class mIoU and FB-IoU of binary few-shot predictions, the field's standard (SPEC §6).
 
@@ -49,6 +69,16 @@ class FewShotIoU(Metric):
     ``IoU_c = I_c[fg] / max(U_c[fg], 1)``, ``miou = 100 * mean_c IoU_c`` over every class in
     ``class_ids`` (a class that received no episode counts as 0) and
     ``fbiou = 100 * mean_{bg,fg} (sum_c I_c / sum_c U_c)``.
+
+    Example:
+        >>> import torch
+        >>> metric = FewShotIoU(class_ids=[1, 2])
+        >>> pred = torch.tensor([[[1, 1], [0, 0]], [[0, 1], [0, 0]]])
+        >>> target = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [255, 0]]])
+        >>> metric.update(pred, target, class_id=[1, 2])
+        >>> out = metric.compute()
+        >>> round(float(out["miou"]), 2), round(float(out["fbiou"]), 2), int(out["class_episodes"][2])
+        (75.0, 73.33, 1)
 
     Args:
         class_ids: the fold's (novel) class ids; every scored episode must belong to one of them.
@@ -136,22 +166,17 @@ class FewShotIoU(Metric):
         self.union.index_add_(1, rows, union_t)
         self.episodes.index_add_(0, rows, torch.ones_like(rows))
 
-    def _ratio(self, num: Tensor, den: Tensor) -> Tensor:
-        num, den = num.double(), den.double()
-        if self.variant == "hsnet":
-            return num / den.clamp(min=1.0)
-        return num / (den + 1e-10)
-
     def compute(self) -> dict[str, Tensor | dict[int, Tensor]]:
-        """``{"miou": %, "fbiou": %, "class_iou": {class_id: %}}`` as float64 scalars."""
-        class_iou = 100.0 * self._ratio(self.intersection[1], self.union[1])  # [C]
-        fb = self._ratio(self.intersection.sum(dim=1), self.union.sum(dim=1))  # [2]
-        return {
-            "miou": class_iou.mean(),
-            "fbiou": 100.0 * fb.mean(),
-            "class_iou": {c: class_iou[i] for i, c in enumerate(self.class_ids)},
-        }
+        """Everything a results summary needs, over all processes (torchmetrics syncs the states).
 
-    def class_episodes(self) -> dict[int, int]:
-        """Number of episodes accumulated per class (for result tables)."""
-        return {c: int(n) for c, n in zip(self.class_ids, self.episodes.tolist())}
+        Returns:
+            ``miou`` and ``fbiou`` (percent, float64 scalars), ``class_iou`` ``{class id: percent}``
+            and ``class_episodes`` ``{class id: episodes}`` (int64 scalars).
+        """
+        miou, fbiou, class_iou = fewshot_iou(self.intersection, self.union, self.variant)
+        return {
+            "miou": miou,
+            "fbiou": fbiou,
+            "class_iou": {c: class_iou[i] for i, c in enumerate(self.class_ids)},
+            "class_episodes": {c: self.episodes[i] for i, c in enumerate(self.class_ids)},
+        }

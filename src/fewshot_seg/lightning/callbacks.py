@@ -1,38 +1,25 @@
-"""Callbacks: freezing sub-modules (frozen backbone, frozen POS in stage 2)."""
+"""Callbacks: frozen sub-modules, checkpoints, learning-rate logging and a step-counting progress bar."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from torch import nn
 
-
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    """``root.<path>`` with a readable error when the attribute path does not exist."""
-    try:
-        return root.get_submodule(path)
-    except AttributeError as err:
-        raise AttributeError(f"{type(root).__name__} has no sub-module {path!r}") from err
-
-
-def freeze(module: nn.Module) -> None:
-    """No gradients and inference behaviour (BatchNorm statistics untouched, dropout off)."""
-    module.requires_grad_(False)
-    module.eval()
+from fewshot_seg.models.freezing import freeze
 
 
 class FreezeModules(pl.Callback):
     """Keeps the named sub-modules of the LightningModule frozen for the whole fit.
 
-    Freezing means ``requires_grad=False`` for every parameter and the module in ``eval()`` mode.
-    Eval mode matters for BatchNorm (or any norm with running statistics): in train mode it would
-    keep updating its running mean/var from batch statistics even without gradients, silently
-    changing the "frozen" backbone. Anything that puts the model back in train mode (Lightning
-    before training, user code) is undone at the start of training, of every train epoch and of
-    every train batch (a cheap flag check).
+    Frozen means ``requires_grad=False`` and ``eval()`` (see ``models.freezing.freeze``). Anything that
+    puts the model back in train mode (Lightning before training, user code) is undone at the start
+    of training, of every train epoch and of every train batch (a cheap flag check).
 
     Args:
         modules: attribute paths relative to the LightningModule, e.g. ``["backbone", "pos"]``.
@@ -43,7 +30,13 @@ class FreezeModules(pl.Callback):
         self.modules = list(modules)
 
     def _targets(self, pl_module: pl.LightningModule) -> list[nn.Module]:
-        return [get_submodule(pl_module, p) for p in self.modules]
+        targets = []
+        for path in self.modules:
+            try:
+                targets.append(pl_module.get_submodule(path))
+            except AttributeError as err:
+                raise AttributeError(f"{type(pl_module).__name__} has no sub-module {path!r}") from err
+        return targets
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs before configure_optimizers, so the frozen parameters never reach the optimiser.
@@ -68,11 +61,16 @@ class FreezeModules(pl.Callback):
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that by default monitors the module's own validation metric (max).
+    """``ModelCheckpoint`` for this project's runs: the stage's own metric, ``last.ckpt``, atomic files.
 
-    ``monitor="auto"`` takes ``pl_module.monitor_metric`` (``val/oracle_miou`` in stage 1,
-    ``val/miou`` in stage 2), so one trainer config serves both stages. ``last.ckpt`` is kept by
-    default, for ``--ckpt_path last``. Metric names contain ``/``, so the file name does not embed them.
+    * ``monitor="auto"`` takes ``pl_module.monitor_metric`` (``val/oracle_miou`` in stage 1, ``val/miou``
+      in stage 2), so one trainer config serves both stages; metric names contain ``/``, so file names
+      do not embed them.
+    * ``last.ckpt`` is kept (for ``--ckpt_path last``). When the best checkpoint was written at the
+      same step, ``last.ckpt`` is a symbolic link to it instead of a second full copy (unlike
+      Lightning's ``save_last="link"``, never a link to an *older* step's file).
+    * Every file is written under a temporary name and renamed into place, so a run killed while
+      saving never leaves a truncated checkpoint under a real name.
     """
 
     def __init__(
@@ -100,3 +98,138 @@ class BestCheckpoint(ModelCheckpoint):
             # Without a metric ModelCheckpoint keeps the latest checkpoint(s) instead.
             self.monitor = getattr(pl_module, "monitor_metric", None) or None
         super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        folder, name = os.path.split(filepath)
+        tmp = os.path.join(folder, f".{name}.partial")
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)  # same folder: atomic; replaces a link to last.ckpt, not its target
+        trainer.strategy.barrier("checkpoint-rename")
+        self._last_checkpoint_saved = filepath
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        if not self.save_last:
+            return
+        same_step = self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step
+        if not same_step:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        previous, self.last_model_path = self.last_model_path, filepath
+        self._link_checkpoint(trainer, self._last_checkpoint_saved, filepath)
+        if previous and previous != filepath and self._should_remove_checkpoint(trainer, previous, filepath):
+            self._remove_checkpoint(trainer, previous)
+
+
+class LearningRateLogger(LearningRateMonitor):
+    """``LearningRateMonitor`` that is silent without a logger (``--trainer.logger=false``)."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._active = bool(trainer.loggers)
+        if self._active:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_active", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_active", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """tqdm bars whose training bar counts optimisation steps up to ``max_steps``, across epochs.
+
+    In step-based training an epoch is an arbitrary slice of an endless episode stream; the bar
+    shows ``step / max_steps`` instead. Each bar refreshes about ``updates`` times, so a 40-step run
+    moves step by step and a 20,000-step run writes a few dozen lines to a log file, not thousands.
+
+    Args:
+        updates: refreshes per bar (the refresh interval is ``ceil(total / updates)`` batches or steps).
+    """
+
+    def __init__(self, updates: int = 50, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate=1, process_position=process_position, leave=leave)
+        self.updates = updates
+        self._every = 1
+
+    def _interval(self, total: float | int | None) -> int:
+        if total is None or total == float("inf") or total <= 0:
+            return max(1, self.updates)
+        return max(1, math.ceil(total / self.updates))
+
+    def _should_update(self, current: int, total: int) -> bool:
+        return self.is_enabled and (current % self._every == 0 or current == total)
+
+    def _step_based(self, trainer: pl.Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        if self._step_based(trainer):
+            bar = self.train_progress_bar
+            bar.reset(total=trainer.max_steps)
+            bar.n = bar.initial = trainer.global_step  # a resumed run continues where it stopped
+            bar.set_description("train steps")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._step_based(trainer):
+            self._every = self._interval(trainer.max_steps)
+            return
+        super().on_train_epoch_start(trainer, *args)
+        self._every = self._interval(self.train_progress_bar.total)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if not self._step_based(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self._every = self._interval(self.val_progress_bar.total)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._step_based(trainer):
+            self._every = self._interval(trainer.max_steps)
+
+    def on_test_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if batch_idx == 0:
+            self._every = self._interval(self.test_progress_bar.total)
+
+    def on_predict_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if batch_idx == 0:
+            self._every = self._interval(self.predict_progress_bar.total)

@@ -2,118 +2,75 @@
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fewshot_seg.config import (
+    BackboneConfig,
+    MaskMatchingConfig,
+    MMLossConfig,
+    OptimizerConfig,
+    POSConfig,
+    coerce,
+    differences,
+)
 from fewshot_seg.episode import EpisodeBatch
-from fewshot_seg.lightning.base import STAGE_KEY, EpisodeModule
-from fewshot_seg.lightning.pos_module import POSModule
+from fewshot_seg.lightning.base import EpisodeModule
+from fewshot_seg.lightning.checkpoints import (
+    CheckpointError,
+    Stage1CheckpointError,
+    check_stage1,
+    is_lightning_checkpoint,
+    read_checkpoint,
+    recorded_hparams,
+)
+from fewshot_seg.models.build import build_mask_matching
 from fewshot_seg.models.convert import CheckpointMismatchError, load_reference_checkpoint
 from fewshot_seg.models.criterion import MaskMatchingCriterion
-from fewshot_seg.models.mask_matching import MaskMatching
 from fewshot_seg.models.selection import oracle_select, selected_foreground, top_cosine_select
 
 _REF_MM_KEY = re.compile(r"(conv_\d+|crossat_\d+|fc[12])\.")
-STAGE1_HPARAMS = (
-    "backbone",
-    "num_queries",
-    "pos_dim",
-    "pos_heads",
-    "enc_layers",
-    "enc_ffn",
-    "dec_layers",
-    "dec_ffn",
-    "norm_groups",
-)
-"""Backbone/POS architecture settings stage 2 shares with stage 1 (POSModule arguments of the same name)."""
-
-
-def paper_architecture() -> dict[str, Any]:
-    """The paper's backbone/POS settings: POSModule's defaults (one source of truth for both stages)."""
-    params = inspect.signature(POSModule.__init__).parameters
-    return {k: params[k].default for k in STAGE1_HPARAMS}
-
-
-class Stage1CheckpointError(ValueError):
-    """A stage-1 checkpoint :class:`MMModule` cannot use (wrong stage, wrong shapes, unreadable)."""
-
-
-def _read(path: str | Path) -> Mapping:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise Stage1CheckpointError(f"stage1_checkpoint {str(path)!r} does not exist") from err
-    except Exception as err:  # unpickling errors come in several types
-        raise Stage1CheckpointError(
-            f"stage1_checkpoint {str(path)!r} is not a readable checkpoint: {err}"
-        ) from err
-    if not isinstance(ckpt, Mapping):
-        raise Stage1CheckpointError(
-            f"stage1_checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint"
-        )
-    return ckpt
-
-
-def _is_lightning(ckpt: Mapping) -> bool:
-    return "state_dict" in ckpt and ("pytorch-lightning_version" in ckpt or STAGE_KEY in ckpt)
-
-
-def _check_lightning_stage(ckpt: Mapping, path: str) -> None:
-    state: Mapping[str, Tensor] = ckpt["state_dict"]
-    stage = ckpt.get(STAGE_KEY) or ("mm" if any(k.startswith("mm.") for k in state) else "pos")
-    if stage != "pos":
-        raise Stage1CheckpointError(
-            f"stage1_checkpoint {path!r} is a stage-2 ({stage!r}, MMModule) checkpoint; it expects a "
-            "stage-1 POSModule checkpoint. To continue a stage-2 run use --ckpt_path instead."
-        )
-    if not any(k.startswith("pos.") for k in state):
-        raise Stage1CheckpointError(f"stage1_checkpoint {path!r} holds no POS weights (no 'pos.*' keys)")
 
 
 def resolve_architecture(
-    given: Mapping[str, Any], ckpt: Mapping | None = None, path: str = ""
-) -> dict[str, Any]:
-    """Backbone/POS settings of stage 2: the stage-1 run's, unless none is recorded.
+    backbone: BackboneConfig | None, pos: POSConfig | None, ckpt: Mapping | None, path: str = ""
+) -> tuple[BackboneConfig, POSConfig]:
+    """The backbone/POS of stage 2: the stage-1 run's, unless none is recorded.
 
     Args:
-        given: the MMModule arguments of :data:`STAGE1_HPARAMS`; None means "not set".
+        backbone: the backbone given to MMModule, or None (= "the stage-1 run's").
+        pos: the POS given to MMModule, or None.
         ckpt: the loaded stage-1 checkpoint, or None.
         path: its path, for messages.
 
     Returns:
-        A value for every setting: from a POSModule checkpoint's saved hyper-parameters where it
-        records them, else the given value, else the paper default (reference checkpoints and no
-        checkpoint record nothing; their shapes are checked when the weights load).
+        A POSModule checkpoint's recorded configurations where it records them, else the given ones,
+        else the paper's (reference checkpoints and no checkpoint record nothing; their shapes are
+        checked when the weights load).
 
     Raises:
-        Stage1CheckpointError: a given value differs from the one the stage-1 run was trained with
-            (the weights could not be used as configured, or would be used under a wrong name).
+        Stage1CheckpointError: a given configuration differs from the one the stage-1 run was trained
+            with (the backbone by its architecture name only: stage 2 always freezes it).
     """
-    recorded: Mapping[str, Any] = {}
-    if ckpt is not None and _is_lightning(ckpt):
-        recorded = ckpt.get("hyper_parameters") or {}
-    paper = paper_architecture()
-    arch, conflicts = {}, []
-    for k in STAGE1_HPARAMS:
-        if k in recorded and recorded[k] is not None:
-            arch[k] = recorded[k]
-            if given.get(k) is not None and given[k] != recorded[k]:
-                conflicts.append(f"{k}: {recorded[k]!r} (checkpoint) vs {given[k]!r} (model)")
-        else:
-            arch[k] = given[k] if given.get(k) is not None else paper[k]
+    recorded = recorded_hparams(ckpt)
+    rec_backbone = coerce(BackboneConfig, recorded.get("backbone"))
+    rec_pos = coerce(POSConfig, recorded.get("pos"))
+    conflicts = []
+    if backbone is not None and rec_backbone is not None and backbone.name != rec_backbone.name:
+        conflicts.append(f"backbone.name: {rec_backbone.name!r} (checkpoint) vs {backbone.name!r} (model)")
+    if pos is not None and rec_pos is not None:
+        conflicts += [f"pos.{d}" for d in differences(pos, rec_pos)]
     if conflicts:
         raise Stage1CheckpointError(
             f"stage1_checkpoint {path!r} was trained with other backbone/POS settings than this model "
-            f"sets: {'; '.join(conflicts)}. Leave these settings unset (null): stage 2 takes them "
+            f"sets: {'; '.join(conflicts)}. Leave `backbone` and `pos` unset (null): stage 2 takes them "
             "from the stage-1 checkpoint."
         )
-    return arch
+    return rec_backbone or backbone or BackboneConfig(), rec_pos or pos or POSConfig()
 
 
 class MMModule(EpisodeModule):
@@ -123,135 +80,117 @@ class MMModule(EpisodeModule):
     oracle (best proposal by soft IoU against the GT) and the heuristic baseline (the proposal with
     the highest cosine similarity to the support prototype, no learnable matching).
 
-    The backbone/POS settings (``backbone``, ``num_queries`` ... ``norm_groups``) default to None =
-    "the stage-1 run's": a POSModule checkpoint records them in its hyper-parameters and they are
-    taken from there, so they are never repeated by hand; a value set here must equal the recorded
-    one (else :class:`Stage1CheckpointError` names the setting). With a reference checkpoint or
-    none, None means the paper setting (POSModule's defaults). The resolved values are stored in
-    this module's hyper-parameters, so a stage-2 checkpoint is self-describing.
+    ``backbone`` and ``pos`` default to None = "the stage-1 run's": a POSModule checkpoint records
+    them and they are taken from there, so they are never repeated by hand; one given here must equal
+    the recorded one (else :class:`Stage1CheckpointError` names the differing fields). With a reference
+    checkpoint or none, None means the paper's. The resolved values are stored in this module's
+    hyper-parameters, so a stage-2 checkpoint describes its whole network.
 
     Args:
-        stage1_checkpoint: the stage-1 weights: a ``POSModule`` Lightning checkpoint (stage and
-            shapes are checked) or a reference detectron2-style MM-Former state dict (if that one also
-            holds Mask Matching weights, e.g. a released stage-2 model, they are loaded too). None
-            leaves the POS random (tests only). Read again whenever the module is built, also when
-            resuming with ``--ckpt_path`` (whose weights then replace it).
-        backbone: torchvision ResNet name.
-        backbone_weights: backbone initialisation when no ``stage1_checkpoint`` is given
-            (``"imagenet"``, a file, or None); ignored otherwise, as the checkpoint holds the backbone.
-        num_queries: N proposals.
-        pos_dim: POS width.
-        pos_heads: POS attention heads.
-        enc_layers: POS encoder layers.
-        enc_ffn: POS encoder FFN width.
-        dec_layers: POS decoder layers.
-        dec_ffn: POS decoder FFN width.
-        norm_groups: POS GroupNorm groups.
-        mm_dim: Mask Matching width (1x1 reductions, Cross-Alignment).
-        mm_heads: Cross-Alignment heads.
-        mm_ffn: Cross-Alignment FFN width.
-        mm_layers: Cross-Alignment layers.
-        matching_hidden: hidden width of the matching MLP (fc1/fc2).
-        kv_min_size: short side of the Cross-Alignment keys/values.
-        dice_weight: weight of the two-channel dice loss L_M.
-        contrastive_weight: weight of the contrastive BCE L_co.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (0 on norms and embeddings).
-        poly_power: poly schedule power (stepped per iteration).
-        max_steps: schedule length; None = the Trainer's ``max_steps`` (or its estimate).
+        stage1_checkpoint: the stage-1 weights: a ``POSModule`` Lightning checkpoint (stage and shapes
+            are checked) or a reference detectron2-style MM-Former state dict (if that one also holds
+            Mask Matching weights, e.g. a released stage-2 model, they are loaded too). None leaves the
+            POS random (tests only). When it is gone but the architecture is known (a model rebuilt from
+            a stage-2 checkpoint for ``test`` / ``predict`` / resuming), the weights must come from
+            ``--ckpt_path``.
+        backbone: the ResNet trunk; None = the stage-1 run's. Always frozen here; its ``weights`` are
+            used only without a ``stage1_checkpoint``.
+        pos: the POS sizes; None = the stage-1 run's.
+        mm: the Mask Matching head's sizes.
+        loss: loss weights.
+        optim: optimiser, schedule and global batch (4 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
     """
 
     stage = "mm"
-    frozen_modules = ("backbone", "pos")
     metric_names = ("model", "oracle", "baseline")
     monitor_metric = "val/miou"
+    architecture_hparams = ("backbone", "pos", "mm")
 
     def __init__(
         self,
         stage1_checkpoint: str | None = None,
-        backbone: str | None = None,
-        backbone_weights: str | None = "imagenet",
-        num_queries: int | None = None,
-        pos_dim: int | None = None,
-        pos_heads: int | None = None,
-        enc_layers: int | None = None,
-        enc_ffn: int | None = None,
-        dec_layers: int | None = None,
-        dec_ffn: int | None = None,
-        norm_groups: int | None = None,
-        mm_dim: int = 256,
-        mm_heads: int = 4,
-        mm_ffn: int = 512,
-        mm_layers: int = 2,
-        matching_hidden: int = 500,
-        kv_min_size: int = 15,
-        dice_weight: float = 10.0,
-        contrastive_weight: float = 6.0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        poly_power: float = 0.9,
-        max_steps: int | None = None,
-        eval_class_ids: Sequence[int] | None = None,
+        backbone: BackboneConfig | None = None,
+        pos: POSConfig | None = None,
+        mm: MaskMatchingConfig = MaskMatchingConfig(),
+        loss: MMLossConfig = MMLossConfig(),
+        optim: OptimizerConfig = OptimizerConfig(batch_size=4),
+        eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
+        mm, loss, optim = (
+            coerce(MaskMatchingConfig, mm),
+            coerce(MMLossConfig, loss),
+            coerce(OptimizerConfig, optim),
+        )
+        super().__init__(optim, eval_class_ids, predict_dir)
+        self.save_hyperparameters(ignore=["predict_dir"])
         path = str(stage1_checkpoint) if stage1_checkpoint else ""
-        # Read once: the architecture comes from it before any layer is built.
-        ckpt = _read(path) if path else None
-        if ckpt is not None and _is_lightning(ckpt):
-            _check_lightning_stage(ckpt, path)
-        given = {k: self.hparams[k] for k in STAGE1_HPARAMS}
-        arch = resolve_architecture(given, ckpt, path)
+        self._stage1_missing = ""
+        ckpt = None
+        if path:
+            try:
+                ckpt = read_checkpoint(path, "stage1_checkpoint")
+            except CheckpointError as err:
+                if "does not exist" not in str(err) or backbone is None or pos is None:
+                    raise Stage1CheckpointError(str(err)) from None
+                # A model rebuilt from a stage-2 checkpoint: the architecture is recorded, the weights
+                # come with that checkpoint; the stage-1 path is provenance only.
+                self._stage1_missing = path
+        if ckpt is not None and is_lightning_checkpoint(ckpt):
+            check_stage1(ckpt, path)
+        backbone, pos = resolve_architecture(backbone, pos, ckpt, path)
         # Recorded in the hyper-parameters (hence in stage-2 checkpoints): --ckpt_path and
-        # load_from_checkpoint rebuild the same shapes, and the stage-1 file is re-checked against them.
-        self.hparams.update(arch)
-        self._build_backbone_and_pos(
-            arch["backbone"],
-            None if ckpt is not None else backbone_weights,
-            True,
-            arch["num_queries"],
-            arch["pos_dim"],
-            arch["pos_heads"],
-            arch["enc_layers"],
-            arch["enc_ffn"],
-            arch["dec_layers"],
-            arch["dec_ffn"],
-            arch["norm_groups"],
+        # load_from_checkpoint rebuild the same shapes without the stage-1 file.
+        self.hparams.update(backbone=backbone, pos=pos)
+        self._hparams_as_dicts()
+        self.frozen_modules = ("backbone", "pos")
+        self._build_backbone_and_pos(backbone, pos, None if path else backbone.weights, frozen_bn=True)
+        self.mm = build_mask_matching(mm, self.backbone.out_channels, pos.num_queries)
+        self.criterion = MaskMatchingCriterion(
+            dice_weight=loss.dice_weight, contrastive_weight=loss.contrastive_weight
         )
-        ch = self.backbone.out_channels
-        self.mm = MaskMatching(
-            in_channels=(ch["res5"], ch["res4"], ch["res3"]),
-            hidden_dim=mm_dim,
-            nhead=mm_heads,
-            dim_feedforward=mm_ffn,
-            num_layers=mm_layers,
-            num_proposals=arch["num_queries"],
-            matching_hidden=matching_hidden,
-            kv_min_size=kv_min_size,
-        )
-        self.criterion = MaskMatchingCriterion(dice_weight=dice_weight, contrastive_weight=contrastive_weight)
         if ckpt is not None:
             self._load_stage1_state(ckpt, path)
         self._freeze_now()
 
     # ------------------------------------------------------------------ stage-1 weights
-    def load_stage1(self, path: str | Path) -> None:
+    def _require_trained_weights(self, command: str) -> None:
+        if self._stage1_missing and getattr(self, "_weights_from", None) is None:
+            raise Stage1CheckpointError(
+                f"stage1_checkpoint {self._stage1_missing!r} does not exist, and no --ckpt_path gives "
+                f"this model's weights for `{command}`"
+            )
+        super()._require_trained_weights(command)
+
+    def on_fit_start(self) -> None:
+        if self._stage1_missing and getattr(self, "_weights_from", None) is None:
+            self._require_trained_weights("fit")
+
+    def load_stage1(self, path: str) -> None:
         """Load backbone + POS from a stage-1 checkpoint; :class:`Stage1CheckpointError` names problems.
 
         The checkpoint must fit this module's (already built) shapes; its recorded settings are
         checked against this module's as at construction.
         """
-        ckpt = _read(path)
-        if _is_lightning(ckpt):
-            _check_lightning_stage(ckpt, str(path))
-            resolve_architecture({k: self.hparams[k] for k in STAGE1_HPARAMS}, ckpt, str(path))
-        self._load_stage1_state(ckpt, str(path))
+        try:
+            ckpt = read_checkpoint(path, "stage1_checkpoint")
+        except CheckpointError as err:
+            raise Stage1CheckpointError(str(err)) from None
+        if is_lightning_checkpoint(ckpt):
+            check_stage1(ckpt, path)
+            resolve_architecture(
+                coerce(BackboneConfig, self.hparams["backbone"]),
+                coerce(POSConfig, self.hparams["pos"]),
+                ckpt,
+                path,
+            )
+        self._load_stage1_state(ckpt, path)
 
     def _load_stage1_state(self, ckpt: Mapping, path: str) -> None:
-        if _is_lightning(ckpt):
+        if is_lightning_checkpoint(ckpt):
             self._load_lightning_stage1(ckpt, path)
         else:
             self._load_reference(ckpt, path)
@@ -287,12 +226,12 @@ class MMModule(EpisodeModule):
                         + "; ".join(names[:5])
                         + (" ..." if len(names) > 5 else "")
                     )
-            mine = {k: self.hparams[k] for k in STAGE1_HPARAMS}
             raise Stage1CheckpointError(
                 f"stage1_checkpoint {path!r} does not fit this model's backbone/POS shapes: "
                 + " | ".join(parts)
-                + f". The checkpoint does not record all its settings; this model uses {mine}: set the "
-                "model's backbone/POS sizes to those of the stage-1 run."
+                + f". The checkpoint does not record all its settings; this model uses backbone "
+                f"{self.hparams['backbone']['name']!r} and pos {self.hparams['pos']}: set `backbone` and "
+                "`pos` to those of the stage-1 run."
             )
         self.load_state_dict(theirs, strict=False)
 
@@ -312,6 +251,8 @@ class MMModule(EpisodeModule):
             raise Stage1CheckpointError(
                 f"reference checkpoint {path!r} does not fit this model: {err}"
             ) from err
+        if has_mm:  # a released stage-2 model: every weight is trained
+            self._weights_from = path
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -325,7 +266,7 @@ class MMModule(EpisodeModule):
         support_feats = [{name: f[:, i] for name, f in sup.items()} for i in range(k)]
         return query_feats, support_feats, logits
 
-    def forward(self, batch: EpisodeBatch) -> dict:
+    def forward(self, batch: EpisodeBatch) -> dict[str, Any]:
         """Mask Matching outputs (``foreground [B, H, W]`` at input size, ``similarity``, ...)."""
         query_feats, support_feats, logits = self.proposals_and_features(batch)
         hw = (batch.query_image.shape[-2], batch.query_image.shape[-1])

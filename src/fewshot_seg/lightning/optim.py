@@ -8,10 +8,12 @@ Gradient clipping (global norm 0.01) is a Trainer setting (``gradient_clip_val``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+
+from fewshot_seg.config import OptimizerConfig
 
 # Parameter names (any dotted component) that are embeddings stored as bare Parameters or
 # nn.Embedding weights: the pixel decoder's level embedding, the decoder's query features /
@@ -80,31 +82,27 @@ def param_groups(
     return list(groups.values())
 
 
-def poly_lambda(max_steps: int, power: float = 0.9) -> Callable[[int], float]:
-    """Factor ``(1 - step / max_steps) ** power`` (detectron2 WarmupPolyLR, no warm-up); 0 at the end."""
-    if max_steps <= 0:
-        raise ValueError(f"max_steps must be positive, got {max_steps}")
-
-    def factor(step: int) -> float:
-        return max(0.0, 1.0 - min(step, max_steps) / max_steps) ** power
-
-    return factor
-
-
 def build_optimizer(
     model: nn.Module,
-    lr: float = 1e-4,
-    weight_decay: float = 0.05,
-    betas: tuple[float, float] = (0.9, 0.999),
-    max_steps: int = 1,
-    poly_power: float = 0.9,
+    cfg: OptimizerConfig,
+    max_steps: int,
     lr_mult: Mapping[str, float] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> dict:
-    """AdamW + per-step poly schedule, in the form ``LightningModule.configure_optimizers`` returns."""
+    """AdamW + a poly schedule stepped every step, in the form ``configure_optimizers`` returns.
+
+    The schedule is ``torch.optim.lr_scheduler.PolynomialLR``: ``lr * (1 - step / max_steps) ** power``
+    (detectron2's WarmupPolyLR without warm-up), 0 from ``max_steps`` on.
+    """
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
     optimizer = torch.optim.AdamW(
-        param_groups(model, lr, weight_decay, lr_mult=lr_mult), lr=lr, betas=betas, weight_decay=weight_decay
+        param_groups(model, cfg.lr, cfg.weight_decay, lr_mult=lr_mult),
+        lr=cfg.lr,
+        betas=betas,
+        weight_decay=cfg.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(max_steps, poly_power))
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max_steps, power=cfg.poly_power)
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},

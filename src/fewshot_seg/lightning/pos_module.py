@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
+from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
 from fewshot_seg.models.criterion import POSCriterion, semantic_to_targets
@@ -17,36 +16,13 @@ class POSModule(EpisodeModule):
 
     Validation and test score the *oracle* (the proposal with the best soft IoU against the query
     ground truth, SPEC §6) on the novel classes: an upper bound that tells how good the proposals are.
+    Defaults are the paper's (``fewshot_seg.config``).
 
     Args:
-        backbone: torchvision ResNet name (resnet18/34/50/101).
-        backbone_weights: ``"imagenet"`` (torchvision IMAGENET1K_V1, needs the weights cached or
-            network), a local weights file, or None (random init).
-        freeze_backbone: no gradients and frozen BatchNorm statistics in the backbone (paper). Set
-            False only when there are no pretrained weights (e.g. the CPU demo with resnet18).
-        frozen_bn: backbone norm layers as ``FrozenBatchNorm2d`` (fixed statistics and affine, as
-            detectron2) instead of ``nn.BatchNorm2d``. None = the same as ``freeze_backbone``. With
-            ``freeze_backbone=True, frozen_bn=False`` the backbone keeps real BatchNorm layers whose
-            statistics stay fixed only because the freezing callback holds them in eval mode.
-        backbone_lr_mult: learning-rate multiplier of a trainable backbone.
-        num_queries: N proposals.
-        pos_dim: width of the pixel decoder, mask features and transformer decoder.
-        pos_heads: attention heads of encoder and decoder.
-        enc_layers: deformable encoder layers of the pixel decoder.
-        enc_ffn: FFN width of the encoder.
-        dec_layers: masked-attention decoder layers.
-        dec_ffn: FFN width of the decoder.
-        norm_groups: GroupNorm groups of the pixel decoder.
-        mask_weight: weight of the point BCE mask loss.
-        dice_weight: weight of the point dice loss.
-        fewshot_weight: weight of the few-shot dice term on the best proposal.
-        num_points: points per mask for matching and losses (12,544 in the paper).
-        oversample_ratio: PointRend oversampling.
-        importance_sample_ratio: share of uncertain points.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (0 on norms and embeddings).
-        poly_power: poly schedule power (stepped per iteration).
-        max_steps: schedule length; None = the Trainer's ``max_steps`` (or its estimate).
+        backbone: the ResNet trunk, its weights and whether it is frozen (the paper) or trained.
+        pos: the Potential Objects Segmenter's sizes.
+        loss: loss weights and point sampling.
+        optim: optimiser, schedule and global batch (8 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
     """
@@ -57,56 +33,28 @@ class POSModule(EpisodeModule):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        backbone_weights: str | None = "imagenet",
-        freeze_backbone: bool = True,
-        frozen_bn: bool | None = None,
-        backbone_lr_mult: float = 0.1,
-        num_queries: int = 100,
-        pos_dim: int = 256,
-        pos_heads: int = 8,
-        enc_layers: int = 6,
-        enc_ffn: int = 1024,
-        dec_layers: int = 9,
-        dec_ffn: int = 2048,
-        norm_groups: int = 32,
-        mask_weight: float = 5.0,
-        dice_weight: float = 5.0,
-        fewshot_weight: float = 10.0,
-        num_points: int = 12544,
-        oversample_ratio: float = 3.0,
-        importance_sample_ratio: float = 0.75,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        poly_power: float = 0.9,
-        max_steps: int | None = None,
-        eval_class_ids: Sequence[int] | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        pos: POSConfig = POSConfig(),
+        loss: POSLossConfig = POSLossConfig(),
+        optim: OptimizerConfig = OptimizerConfig(batch_size=8),
+        eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.frozen_modules = ("backbone",) if freeze_backbone else ()
-        # Default: FrozenBatchNorm2d for a frozen backbone, trainable BatchNorm otherwise.
-        self._build_backbone_and_pos(
-            backbone,
-            backbone_weights,
-            freeze_backbone if frozen_bn is None else frozen_bn,
-            num_queries,
-            pos_dim,
-            pos_heads,
-            enc_layers,
-            enc_ffn,
-            dec_layers,
-            dec_ffn,
-            norm_groups,
-        )
+        backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
+        loss, optim = coerce(POSLossConfig, loss), coerce(OptimizerConfig, optim)
+        super().__init__(optim, eval_class_ids, predict_dir)
+        self.save_hyperparameters(ignore=["predict_dir"])
+        self._hparams_as_dicts()
+        self.backbone_config = backbone
+        self.frozen_modules = ("backbone",) if backbone.freeze else ()
+        self._build_backbone_and_pos(backbone, pos, backbone.weights, backbone.uses_frozen_bn)
         self.criterion = POSCriterion(
-            mask_weight=mask_weight,
-            dice_weight=dice_weight,
-            fewshot_weight=fewshot_weight,
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
+            mask_weight=loss.mask_weight,
+            dice_weight=loss.dice_weight,
+            fewshot_weight=loss.fewshot_weight,
+            num_points=loss.num_points,
+            oversample_ratio=loss.oversample_ratio,
+            importance_sample_ratio=loss.importance_sample_ratio,
         )
         self._freeze_now()
 

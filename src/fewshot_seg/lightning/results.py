@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,41 @@ def run_dir(trainer: Any) -> Path:
         if save_dir:
             return Path(save_dir)
     return Path(getattr(trainer, "default_root_dir", None) or ".")
+
+
+def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_time_s: float) -> dict:
+    """The ``results.json`` summary of one test run.
+
+    Args:
+        results: metric name (``"model"``, ``"oracle"``, ``"baseline"``) -> ``FewShotIoU.compute()``;
+            the first one is the run's main result.
+        stage: ``"pos"`` or ``"mm"``.
+        datamodule: the run's DataModule (name, fold, shot and class names are read from it), or None.
+        wall_time_s: duration of the test loop.
+    """
+    main_name = next(iter(results))
+    main = results[main_name]
+    ids = list(main["class_iou"])
+    names = {c: datamodule.class_name(c) for c in ids} if hasattr(datamodule, "class_name") else {}
+    summary: dict[str, Any] = {
+        "stage": stage,
+        "dataset": getattr(datamodule, "name", type(datamodule).__name__) if datamodule is not None else None,
+        "fold": getattr(datamodule, "fold", None),
+        "shot": getattr(datamodule, "shot", None),
+        "miou": float(main["miou"]),
+        "fbiou": float(main["fbiou"]),
+        "class_iou": {str(c): float(v) for c, v in main["class_iou"].items()},
+        "class_episodes": {str(c): int(n) for c, n in main["class_episodes"].items()},
+        "class_names": {str(c): n for c, n in names.items()},
+        "wall_time_s": wall_time_s,
+    }
+    for other in ("oracle", "baseline"):
+        res = results.get(other)
+        summary[f"{other}_miou"] = float(res["miou"]) if res is not None else None
+        summary[f"{other}_fbiou"] = float(res["fbiou"]) if res is not None else None
+        if res is not None and other != main_name:
+            summary[f"{other}_class_iou"] = {str(c): float(v) for c, v in res["class_iou"].items()}
+    return summary
 
 
 def _fmt(v: float | None) -> str:

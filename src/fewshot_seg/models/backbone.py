@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 SIZE_DIVISIBILITY = 32
 
@@ -19,39 +19,6 @@ _ARCHS = {
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights, 4),
     "resnet101": (torchvision.models.resnet101, torchvision.models.ResNet101_Weights, 4),
 }
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
-
-    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` (eps 1e-5 as torchvision).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # BatchNorm2d checkpoints carry a step counter that has no meaning here.
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
 
 
 class ResNetBackbone(nn.Module):
@@ -81,11 +48,6 @@ class ResNetBackbone(nn.Module):
             "res5": 512 * expansion,
         }
         self.out_strides: dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-
-    def freeze(self) -> ResNetBackbone:
-        """No gradients and eval mode (SPEC: the backbone is frozen). Returns self."""
-        self.requires_grad_(False)
-        return self.eval()
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         h, w = images.shape[-2:]
@@ -122,16 +84,6 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
         ) from exc
 
 
-def _load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return dict(obj)
-
-
 def build_backbone(
     name: str = "resnet50", weights: str | None = "imagenet", frozen_bn: bool = True
 ) -> ResNetBackbone:
@@ -142,7 +94,8 @@ def build_backbone(
         weights: ``"imagenet"`` (torchvision IMAGENET1K_V1 via its weights API and cache), a local file
             (torchvision state dict, or a detectron2-style dict with ``backbone.*`` / ``stem.*`` names,
             possibly wrapped in ``{"model": ...}``), or None (random init).
-        frozen_bn: use :class:`FrozenBatchNorm2d` instead of BatchNorm2d.
+        frozen_bn: use torchvision's ``FrozenBatchNorm2d`` (statistics and affine as buffers, eps 1e-5)
+            instead of BatchNorm2d.
     """
     if name not in _ARCHS:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(_ARCHS)}")
@@ -156,9 +109,9 @@ def build_backbone(
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         backbone.load_state_dict(state, strict=True)
         return backbone
-    from fewshot_seg.models.convert import load_reference_module  # local import: convert imports us
+    from fewshot_seg.models.convert import load_reference_module, read_state_dict  # convert imports us
 
-    state = _load_weights_file(weights)
+    state = read_state_dict(weights)
     if any(k.startswith("backbone.") for k in state):  # a whole detectron2-style model: keep its trunk
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     load_reference_module(backbone, state, "backbone")

@@ -177,15 +177,31 @@ def load_reference_module(
     return report
 
 
-def _read_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    obj = path_or_state_dict
-    if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]  # detectron2 checkpointer layout (optimizer etc. beside it)
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict inside a checkpoint object, whatever wraps it.
+
+    Accepts a bare state dict, detectron2's ``{"model": ...}`` (optimizer etc. beside it), a Lightning
+    or plain ``{"state_dict": ...}``, and DataParallel/DDP ``module.`` prefixes (removed).
+
+    Raises:
+        ValueError: ``obj`` holds no mapping of tensors; the message names ``source``.
+    """
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict, got {type(obj).__name__}")
+        raise ValueError(f"{source}: expected a state dict, got {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`unwrap_state_dict` of a file (read with ``weights_only=True``) or of an object in memory."""
+    obj = path_or_state_dict
+    source = "state dict"
+    if isinstance(obj, (str, os.PathLike)):
+        source = str(obj)
+        obj = torch.load(obj, map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj, source)
 
 
 def load_reference_checkpoint(
@@ -202,7 +218,7 @@ def load_reference_checkpoint(
     ``backbone.*`` / ``pos.*`` / ``mask_matching.*`` (our names); the other lists hold reference names.
     With ``strict`` any problem raises :class:`CheckpointMismatchError` before anything is loaded.
     """
-    state = _read_checkpoint(path_or_state_dict)
+    state = read_state_dict(path_or_state_dict)
     report = LoadReport()
     parts: dict[str, dict[str, Tensor]] = {"backbone": {}, "pos": {}, "mask_matching": {}}
     prefixes = {"backbone": "backbone.", "pos": "sem_seg_head.", "mask_matching": ""}

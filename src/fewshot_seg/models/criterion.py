@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.episode import IGNORE_INDEX
 from fewshot_seg.models.matcher import HungarianMatcher
 from fewshot_seg.models.point_sampling import get_uncertain_point_coords_with_randomness, point_sample
 from fewshot_seg.models.selection import (
-    IGNORE_INDEX,
     binary_target,
     oracle_select,
     proposal_soft_iou,

@@ -22,21 +22,20 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import yaml
 
-from fewshot_seg.lightning.mm_module import STAGE1_HPARAMS, MMModule
+from fewshot_seg import config_dir
+from fewshot_seg.lightning.mm_module import MMModule
 from fewshot_seg.lightning.pos_module import POSModule
 from fewshot_seg.models.criterion import semantic_to_targets
+from fewshot_seg.models.freezing import freeze
 from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
-
-CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
 
 def _init_args(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+    return yaml.safe_load((config_dir() / name).read_text())["model"]["init_args"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,14 @@ class ModelConfig:
     stage2: dict = field(default_factory=dict)
 
     def pos_module(self) -> POSModule:
-        return POSModule(**{**self.stage1, "backbone_weights": None})
+        return POSModule(**{**self.stage1, "backbone": {**self.stage1.get("backbone", {}), "weights": None}})
 
     def mm_module(self) -> MMModule:
-        # Stage 2 without a checkpoint takes the backbone/POS sizes as arguments (stage 1's).
-        arch = {k: v for k, v in self.stage1.items() if k in STAGE1_HPARAMS}
-        return MMModule(**{**self.stage2, **arch, "stage1_checkpoint": None, "backbone_weights": None})
+        # Stage 2 without a checkpoint takes the backbone/POS configurations as arguments (stage 1's).
+        backbone = {**self.stage1.get("backbone", {}), "weights": None}
+        return MMModule(
+            **{**self.stage2, "stage1_checkpoint": None, "backbone": backbone, "pos": self.stage1.get("pos")}
+        )
 
 
 PAPER = ModelConfig("paper (R-50)")  # the modules' defaults are the paper's sizes
@@ -102,7 +103,7 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
     shot = 5 if "5-shot" in what else 1
     # Stage-1 rows use the POSModule's pieces, stage-2 rows the MMModule's (which holds its own POS).
     module = cfg.mm_module() if what.startswith(("MM", "stage-2")) else cfg.pos_module()
-    backbone = module.backbone.to(device).freeze()
+    backbone = freeze(module.backbone.to(device))
     pos = module.pos.to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     if what == "backbone fwd":

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from fewshot_seg.episode import collate_episodes
 
 from .episodes import (
-    EpochSampler,
     ListEpisodeDataset,
     TrainEpisodeDataset,
+    TrainLoader,
+    TrainStepSampler,
     episode_list_path,
     load_or_make_episode_list,
     pools_fingerprint,
@@ -226,8 +227,10 @@ class EpisodeDataModule(pl.LightningDataModule):
         if stage in (None, "test", "predict"):
             self._test = self.eval_dataset("test")
 
-    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler: Sampler | None, cls: type = DataLoader
+    ) -> DataLoader:
+        return cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -235,26 +238,37 @@ class EpisodeDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_episodes,
             pin_memory=self.pin_memory,
-            drop_last=drop_last,
             persistent_workers=self.num_workers > 0,
         )
 
+    def _train_position(self) -> tuple[int, int, int]:
+        """(batches done by each process, rank, world size) of the attached Trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0, 1
+        return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+
     def train_dataloader(self) -> DataLoader:
+        """Training episodes keyed by step and rank (:class:`~datamodules.episodes.TrainStepSampler`)."""
         if not hasattr(self, "_train"):
             self.setup("fit")
-        return self._loader(
-            self._train, self.train_batch_size, sampler=EpochSampler(len(self._train)), drop_last=True
-        )
+        batch = self.train_batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        # An epoch is len(train dataset) episodes over all processes, in whole optimisation steps.
+        batches = max(1, len(self._train) // (batch * world * accumulate)) * accumulate
+        sampler = TrainStepSampler(batch, batches, self._train_position)
+        return self._loader(self._train, batch, sampler, cls=TrainLoader)
 
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "_val"):
             self.setup("validate")
-        return self._loader(self._val, self.eval_batch)
+        return self._loader(self._val, self.eval_batch, _unpadded_shard_sampler(self._val))
 
     def test_dataloader(self) -> DataLoader:
         if not hasattr(self, "_test"):
             self.setup("test")
-        return self._loader(self._test, self.eval_batch, sampler=_unpadded_shard_sampler(self._test))
+        return self._loader(self._test, self.eval_batch, _unpadded_shard_sampler(self._test))
 
 
 DEFAULT_BATCH_SIZE = 8

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from fewshot_seg.episode import IGNORE_INDEX
 
@@ -140,40 +140,73 @@ def episode_sample(
     }
 
 
-class EpochSampler(Sampler):
-    """Yields ``(epoch, index)`` keys for ``range(length)``; Lightning calls :meth:`set_epoch`.
+TrainPosition = Callable[[], tuple[int, int, int]]
+"""Returns ``(batches done, rank, world size)`` of the running fit; read when an epoch starts."""
 
-    The epoch travels with the index so that a worker derives the episode from
-    ``(seed, epoch, index)`` alone, making episodes independent of ``num_workers``.
+
+class TrainStepSampler(DistributedSampler):
+    """Keys of the training episodes of this process: a function of (batch number, rank) only.
+
+    Batch ``t`` of rank ``r`` among ``W`` processes holds the global episode keys
+    ``(t * W + r) * b ... (t * W + r) * b + b - 1`` (``b`` = per-process batch), so
+
+    * every process draws different episodes, and every batch new ones;
+    * the episodes of optimisation step ``s`` over all processes are the keys
+      ``[s * G, (s + 1) * G)`` of the global batch ``G = b * W * accumulation``, whatever ``W``;
+    * the position comes from the Trainer (``position()`` when an epoch starts, after a checkpoint
+      is restored), so a resumed fit continues exactly where the interrupted one stopped.
+
+    A ``DistributedSampler`` only in type, so that Lightning keeps it under DDP instead of wrapping it
+    in its own (which would split each batch again and replay epochs).
+
+    Args:
+        batch_size: keys per batch of this process.
+        batches: batches per epoch (an epoch is only Lightning's bookkeeping here).
+        position: ``() -> (batches done, rank, world size)``.
     """
 
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.epoch = 0
+    def __init__(self, batch_size: int, batches: int, position: TrainPosition) -> None:
+        self.batch_size = batch_size
+        self.batches = batches
+        self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Nothing: the position follows the Trainer's step count, not the epoch."""
 
     def __len__(self) -> int:
-        return self.length
+        return self.batches * self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(self.epoch, i) for i in range(self.length)])
+    def __iter__(self) -> Iterator[int]:
+        start, rank, world = self.position()
+        for t in range(start, start + self.batches):
+            first = (t * world + rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
 
 
-def _split_key(key: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(key, tuple):
-        return int(key[0]), int(key[1])
-    return 0, int(key)
+class TrainLoader(DataLoader):
+    """The training DataLoader; stateful for Lightning because its position is the Trainer's step.
+
+    Lightning warns that a fit resumed mid-epoch may replay data unless the loader can be resumed.
+    :class:`TrainStepSampler` derives every batch from the restored step count, so there is no
+    iterator state to save.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore (see the class docstring)."""
 
 
 class TrainEpisodeDataset(Dataset):
-    """Base-class training episodes (SPEC §5), one per ``(epoch, index)`` key.
+    """Base-class training episodes (SPEC §5), one per integer key; keys are unbounded.
 
-    The query is the ``index``-th image of a per-epoch permutation of the images in some base
-    class pool; after augmentation the class is drawn uniformly among base classes present in
-    the crop; ``shot`` distinct supports of that class (never the query) are re-augmented until
-    they keep ``support_min_pixels`` of it.
+    Key ``k`` is episode ``i = k mod Q`` of pass ``p = k div Q`` over the ``Q`` query images (the images
+    in some base class pool): its query is the ``i``-th image of a per-pass permutation, and every
+    random choice comes from ``numpy.random.default_rng([seed, p, i])``, so an episode is the same in
+    any worker, process or resumed run. After augmentation the class is drawn uniformly among base
+    classes present in the crop; ``shot`` distinct supports of that class (never the query) are
+    re-augmented until they keep ``support_min_pixels`` of it.
     """
 
     def __init__(
@@ -204,18 +237,19 @@ class TrainEpisodeDataset(Dataset):
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
+        """Episodes per epoch (``train_episodes``); keys beyond it are valid too."""
         return self.length
 
-    def _query(self, epoch: int, index: int) -> str:
-        if self._perm is None or self._perm[0] != epoch:
-            perm = np.random.default_rng([self.seed, epoch, 2**31 - 1]).permutation(len(self.queries))
-            self._perm = (epoch, perm)
-        return self.queries[int(self._perm[1][index % len(self.queries)])]
+    def _query(self, p: int, index: int) -> str:
+        if self._perm is None or self._perm[0] != p:
+            perm = np.random.default_rng([self.seed, p, 2**31 - 1]).permutation(len(self.queries))
+            self._perm = (p, perm)
+        return self.queries[int(self._perm[1][index])]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, index = _split_key(key)
-        rng = np.random.default_rng([self.seed, epoch, index])
-        q = self._query(epoch, index)
+    def __getitem__(self, key: int) -> dict:
+        p, index = divmod(int(key), len(self.queries))
+        rng = np.random.default_rng([self.seed, p, index])
+        q = self._query(p, index)
         image, label = self.source.load(q)
         lut = self._base_lut
         q_img, q_lab = self.augment(image, label, rng, accept=lambda lab: bool(lut[lab].any()))
@@ -270,8 +304,8 @@ class ListEpisodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.episodes)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        q, c, support_ids = self.episodes[_split_key(index)[1]]
+    def __getitem__(self, index: int) -> dict:
+        q, c, support_ids = self.episodes[int(index)]
         support_ids = support_ids[: self.shot]
         image, label = self.source.load(q)
         q_img, q_lab, valid = self.transform(image, label)

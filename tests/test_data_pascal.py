@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from datamodules import Pascal5iDataModule
-from datamodules.episodes import EpochSampler
+from datamodules.episodes import TrainStepSampler
 from datamodules.fake import make_fake_voc
 from fewshot_seg.episode import IGNORE_INDEX, EpisodeBatch
 
@@ -71,7 +71,7 @@ def test_training_episodes_follow_spec(voc_root, tmp_path):
     novel = set(dm.novel_classes)
     saw_novel_pixels = False
     for i in range(len(ds)):
-        s = ds[(0, i)]
+        s = ds[i]
         c = int(s["class_id"])
         assert c in dm.base_classes and c not in novel
         assert s["query_id"] not in s["support_ids"] and len(set(s["support_ids"])) == 2
@@ -92,8 +92,8 @@ def test_training_episodes_follow_spec(voc_root, tmp_path):
 def test_train_episodes_independent_of_workers(voc_root, tmp_path):
     dm = _dm(voc_root, tmp_path, shot=1)
     ds = dm.train_dataset()
-    sampler = EpochSampler(len(ds))
-    sampler.set_epoch(3)
+    sampler = TrainStepSampler(4, 2, lambda: (3, 0, 1))  # the 4th and 5th batches of a single process
+    assert list(sampler) == list(range(12, 20))
     loaders = [
         torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=n, collate_fn=dm_collate())
         for n in (0, 2)
@@ -101,8 +101,23 @@ def test_train_episodes_independent_of_workers(voc_root, tmp_path):
     b0, b2 = (next(iter(ld)) for ld in loaders)
     assert b0.query_id == b2.query_id and b0.support_ids == b2.support_ids
     assert torch.equal(b0.query_image, b2.query_image) and torch.equal(b0.support_masks, b2.support_masks)
-    other_epoch = ds[(4, 0)]
-    assert not torch.equal(other_epoch["query_image"], b0.query_image[0])
+    # A key one pass over the queries later is another episode (another permutation, other draws).
+    other_pass = ds[12 + len(ds.queries)]
+    assert not torch.equal(other_pass["query_image"], b0.query_image[0])
+
+
+def test_step_sampler_keys_by_step_and_rank():
+    def keys(start, rank, world, batch, batches=3):
+        return list(TrainStepSampler(batch, batches, lambda: (start, rank, world)))
+
+    # Two processes with batch 2 draw, at every step, the keys one process with batch 4 draws.
+    one = keys(5, 0, 1, 4)
+    r0, r1 = keys(5, 0, 2, 2), keys(5, 1, 2, 2)
+    assert not set(r0) & set(r1)
+    for t in range(3):
+        assert sorted(r0[2 * t : 2 * t + 2] + r1[2 * t : 2 * t + 2]) == one[4 * t : 4 * t + 4]
+    # A resumed fit continues the key stream of an uninterrupted one.
+    assert keys(0, 0, 1, 4, batches=6)[12:] == keys(3, 0, 1, 4)
 
 
 def dm_collate():

@@ -120,7 +120,13 @@ class FewShotCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
+        trainer = cfg.get("trainer") if cfg is not None else None
+        if trainer is not None and trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            # --trainer.enable_progress_bar=false means no bar, also the one a config file adds.
+            trainer.callbacks = [
+                c for c in trainer.callbacks if "ProgressBar" not in str(getattr(c, "class_path", ""))
+            ]
+        logger = trainer.get("logger") if trainer is not None else None
         if _wandb_available() or logger is None or logger is False:
             return
         entries = logger if isinstance(logger, list) else [logger]

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fewshot_seg import config_dir
 from fewshot_seg.lightning.results import format_class_table
-
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "lightning_configs"
 
 # dataset -> (data config, stage-1 config, stage-2 config, (stage-1 steps, stage-2 steps) or None = YAML's)
 DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
@@ -37,7 +36,7 @@ def _config_args(config_dir: Path, *names: str) -> list[str]:
     for name in names:
         path = config_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"config {path} not found (run from a checkout, or pass --config-dir)")
+            raise SystemExit(f"config {path} not found: pass --config-dir <folder holding {name}>")
         args += ["-c", str(path)]
     return args
 
@@ -72,7 +71,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--shot", type=int, default=1)
     parser.add_argument("--data-root", default=None, help="dataset root (default: the data YAML's)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<dataset>/fold<fold>")
-    parser.add_argument("--config-dir", type=Path, default=CONFIG_DIR)
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=config_dir(),
+        help="folder of the YAML files (default: the shipped ones)",
+    )
     parser.add_argument(
         "--gpu",
         action=argparse.BooleanOptionalAction,

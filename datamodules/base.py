@@ -19,11 +19,11 @@ from .episodes import (
     TrainStepSampler,
     episode_list_path,
     load_or_make_episode_list,
-    pools_fingerprint,
 )
 from .errors import DatasetError
+from .protocols import Episode, ProtocolName, get_protocol
 from .source import SegmentationSource, build_pools, check_pools
-from .transforms import Protocol, TestTransform, TrainAugment, default_support_min_pixels
+from .transforms import TestTransform, TrainAugment, default_support_min_pixels
 
 
 class EpisodeDataModule(pl.LightningDataModule):
@@ -51,7 +51,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         seed: int = 0,
         test_seed: int = 321,
         val_seed: int = 123,
-        protocol: Protocol = "original",
+        protocol: ProtocolName = "spec",
         train_scales: list[int] | None = None,
         train_episodes: int | None = None,
         support_min_pixels: int | None = None,
@@ -78,8 +78,11 @@ class EpisodeDataModule(pl.LightningDataModule):
             seed: Seed of training episodes: episode i depends only on (seed, i).
             test_seed: Seed of the test episode list.
             val_seed: Seed of the validation episode list.
-            protocol: Test resizing: "original" (keep aspect, long side = image_size, pad; scored at
-                the original label size) or "square480" (stretch to image_size x image_size, scored there).
+            protocol: Evaluation protocol of the test and validation episodes (``datamodules.protocols``):
+                "spec" (SPEC §5 episodes; keep aspect, scored at the original label size), "square480"
+                (the same episodes stretched to image_size squares and scored there) or "mmformer" (the
+                authors' sampler: every test image a query about equally often, class among all novel
+                classes present, scored at image_size squares).
             train_scales: Shortest-edge scales of training resizes; default SPEC's 320..960 step 64
                 scaled by image_size / 480.
             train_episodes: Training episodes per epoch; default = number of training query images.
@@ -103,8 +106,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
         if image_size < 8:
             raise DatasetError(f"image_size must be at least 8, got {image_size}")
-        if protocol not in ("original", "square480"):
-            raise DatasetError(f"protocol must be 'original' or 'square480', got {protocol!r}")
+        self.eval_protocol = get_protocol(protocol)
         if batch_size is not None and batch_size < 1:
             raise DatasetError(f"batch_size must be positive (or null for the model's), got {batch_size}")
         self.root = Path(root)
@@ -173,13 +175,15 @@ class EpisodeDataModule(pl.LightningDataModule):
             self._sources[split] = self.make_source(split)
         return self._sources[split]
 
-    def pools(self, split: str, classes: list[int]) -> dict[int, list[str]]:
-        """Class pools of ``split`` by the pixel rule, from cached per-image class counts."""
-        src = self.source(split)
-        counts = src.class_counts(
+    def class_counts(self, split: str) -> dict[str, dict[int, int]]:
+        """Per-image class pixel counts of ``split``, computed once and cached in ``cache_dir``."""
+        return self.source(split).class_counts(
             self.cache_dir / f"{self.name}_{split}_class_counts.json", f"{self.name} {split}"
         )
-        return build_pools(counts, classes, self.pool_min_pixels)
+
+    def pools(self, split: str, classes: list[int]) -> dict[int, list[str]]:
+        """Class pools of ``split`` by the pixel rule, from cached per-image class counts."""
+        return build_pools(self.class_counts(split), classes, self.pool_min_pixels)
 
     def _names(self) -> dict[int, str]:
         return {i + 1: n for i, n in enumerate(self.class_names)}
@@ -199,15 +203,32 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.train_episodes,
         )
 
-    def episode_list(self, split: str) -> list[tuple[str, int, list[str]]]:
+    def episode_list_file(self, split: str) -> Path:
+        """The saved "test" or "val" episode list of this fold and protocol."""
+        num, seed = (
+            (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
+        )
+        return episode_list_path(
+            self.episode_list_dir, self.name, self.fold, split, num, seed, self.max_shot, self.eval_protocol
+        )
+
+    def episode_list(self, split: str) -> list[Episode]:
         """The saved "test" or "val" list of novel-class episodes on the test images (drawn once)."""
         num, seed = (
             (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
         )
         pools = self.pools("test", self.novel_classes)
-        check_pools(pools, self.shot, f"{self.name} fold {self.fold} test", self._names())
-        path = episode_list_path(self.episode_list_dir, self.name, self.fold, split, num, seed, self.max_shot)
-        return load_or_make_episode_list(path, pools, num, self.max_shot, seed, pools_fingerprint(pools))
+        if self.eval_protocol.draws == "spec":
+            check_pools(pools, self.shot, f"{self.name} fold {self.fold} test", self._names())
+        return load_or_make_episode_list(
+            self.episode_list_file(split),
+            self.eval_protocol,
+            pools,
+            self.class_counts("test"),
+            num,
+            self.max_shot,
+            seed,
+        )
 
     def eval_dataset(self, split: str) -> ListEpisodeDataset:
         return ListEpisodeDataset(
@@ -215,7 +236,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.episode_list(split),
             self.shot,
             self.novel_classes,
-            TestTransform(self.image_size, self.protocol),
+            TestTransform(self.image_size, self.eval_protocol.square),
         )
 
     # ---- Lightning hooks -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,9 @@ from fewshot_seg.episode import IGNORE_INDEX
 
 from .cache import atomic_write_json, read_json
 from .errors import DatasetError
+from .protocols import Episode, EvalProtocol
 from .source import SegmentationSource
 from .transforms import TestTransform, TrainAugment, normalize_image
-
-Episode = tuple[str, int, list[str]]
-"""(query id, class id, support ids) of a listed episode."""
 
 EPISODE_LIST_VERSION = 1
 
@@ -44,70 +42,39 @@ def semantic_label(label: np.ndarray, novel_classes: Sequence[int]) -> np.ndarra
     return out
 
 
-def make_episode_list(pools: dict[int, list[str]], num: int, max_shot: int, seed: int) -> list[Episode]:
-    """``num`` episodes drawn from ``pools`` (class -> image ids) with one seeded generator.
-
-    Query uniform over the union of the pools; class uniform among the pool classes the query
-    belongs to; ``min(max_shot, pool size - 1)`` distinct supports of that class, excluding the query.
-    The K-shot episode uses the first K supports, so the 1-shot list is the 5-shot list's first support.
-    """
-    membership: dict[str, list[int]] = {}
-    for c, ids in sorted(pools.items()):
-        for i in ids:
-            membership.setdefault(i, []).append(c)
-    queries = sorted(membership)
-    if not queries:
-        raise DatasetError(f"no image qualifies for any of the classes {sorted(pools)}: cannot draw episodes")
-    rng = np.random.default_rng(seed)
-    episodes: list[Episode] = []
-    for _ in range(num):
-        q = queries[int(rng.integers(len(queries)))]
-        c = membership[q][int(rng.integers(len(membership[q])))]
-        candidates = [i for i in pools[c] if i != q]
-        k = min(max_shot, len(candidates))
-        picks = rng.choice(len(candidates), size=k, replace=False)
-        episodes.append((q, c, [candidates[int(j)] for j in picks]))
-    return episodes
-
-
 def load_or_make_episode_list(
     path: str | os.PathLike,
-    pools: dict[int, list[str]],
+    protocol: EvalProtocol,
+    pools: Mapping[int, list[str]],
+    counts: Mapping[str, Mapping[int, int]],
     num: int,
     max_shot: int,
     seed: int,
-    fingerprint: str,
 ) -> list[Episode]:
-    """The episode list saved at ``path``, or a new one written there atomically.
+    """The episode list saved at ``path``, or one drawn by ``protocol`` and written there atomically.
 
-    The file stores the fingerprint of the class pools it was drawn from; a list drawn from other
-    data is redrawn (with a warning). A hand-written list with ``"pool_fingerprint": null`` is
-    always used as is.
+    The file stores a fingerprint of the data it was drawn from (the class pools, and for protocols
+    that use them the novel classes present in each test image); a list drawn from other data is
+    redrawn (with a warning). A hand-written list with ``"pool_fingerprint": null`` is always used as is.
     """
+    fingerprint = protocol.fingerprint(pools, counts)
     data = read_json(path)
     if isinstance(data, dict) and data.get("version") == EPISODE_LIST_VERSION:
         if data.get("pool_fingerprint") in (None, fingerprint):
             return [(str(q), int(c), [str(s) for s in sup]) for q, c, sup in data["episodes"]]
         warnings.warn(f"episode list {path} was drawn from different data; redrawing it", stacklevel=2)
-    episodes = make_episode_list(pools, num, max_shot, seed)
-    atomic_write_json(
-        path,
-        {
-            "version": EPISODE_LIST_VERSION,
-            "seed": seed,
-            "max_shot": max_shot,
-            "pool_fingerprint": fingerprint,
-            "episodes": [[q, c, s] for q, c, s in episodes],
-        },
-    )
+    episodes = protocol.draw(pools, counts, num, max_shot, seed)
+    record = {
+        "version": EPISODE_LIST_VERSION,
+        "seed": seed,
+        "max_shot": max_shot,
+        "pool_fingerprint": fingerprint,
+        "episodes": [[q, c, s] for q, c, s in episodes],
+    }
+    if protocol.draws != "spec":  # lists drawn by SPEC's rule keep their original layout
+        record["draws"] = protocol.draws
+    atomic_write_json(path, record)
     return episodes
-
-
-def pools_fingerprint(pools: dict[int, list[str]]) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha1(json.dumps({str(c): v for c, v in sorted(pools.items())}).encode()).hexdigest()
 
 
 def episode_sample(
@@ -278,8 +245,8 @@ class TrainEpisodeDataset(Dataset):
 class ListEpisodeDataset(Dataset):
     """Fixed episodes (test or validation list) with deterministic test-time resizing.
 
-    ``query_label_orig`` is the binary label at the original image size under protocol
-    ``"original"``, and the resized label under ``"square480"`` (scored at that size).
+    ``query_label_orig`` is the binary label at the original image size, or under a square protocol
+    (``transform.square``) the resized label, scored at that size.
     """
 
     def __init__(
@@ -309,13 +276,21 @@ class ListEpisodeDataset(Dataset):
         support_ids = support_ids[: self.shot]
         image, label = self.source.load(q)
         q_img, q_lab, valid = self.transform(image, label)
-        orig = label if self.transform.protocol == "original" else q_lab
+        orig = q_lab if self.transform.square else label
         supports = [self.transform(*self.source.load(sid))[:2] for sid in support_ids]
         return episode_sample(q_img, q_lab, supports, c, self.novel_classes, valid, orig, q, support_ids)
 
 
 def episode_list_path(
-    directory: str | os.PathLike, name: str, fold: int, split: str, num: int, seed: int, max_shot: int
+    directory: str | os.PathLike,
+    name: str,
+    fold: int,
+    split: str,
+    num: int,
+    seed: int,
+    max_shot: int,
+    protocol: EvalProtocol,
 ) -> Path:
-    """Where the ``split`` ("test" / "val") list of ``name``/``fold`` lives."""
-    return Path(directory) / f"{name}_fold{fold}_{split}_n{num}_seed{seed}_maxshot{max_shot}.json"
+    """Where the ``split`` ("test" / "val") list of ``name``/``fold`` drawn by ``protocol``'s rule lives."""
+    rule = "" if protocol.draws == "spec" else f"_{protocol.draws}"
+    return Path(directory) / f"{name}_fold{fold}_{split}{rule}_n{num}_seed{seed}_maxshot{max_shot}.json"

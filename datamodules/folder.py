@@ -12,8 +12,9 @@ from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
 
 from .episodes import episode_sample
 from .errors import DatasetError
+from .protocols import ProtocolName, get_protocol
 from .source import read_rgb
-from .transforms import Protocol, TestTransform
+from .transforms import TestTransform
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 FOLDER_LAYOUT = """expected layout under the root:
@@ -106,7 +107,7 @@ class FolderEpisodes(Dataset):
         if label.shape != image.shape[:2]:
             raise DatasetError(f"mask {m} is not the size of image {q}")
         q_img, q_lab, valid = self.transform(image, label)
-        orig = label if self.transform.protocol == "original" else q_lab
+        orig = q_lab if self.transform.square else label
         return episode_sample(
             q_img,
             self._semantic(q_lab),
@@ -146,7 +147,8 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         test_episodes: Unused (the episodes are the queries).
         seed: Unused (nothing is random).
-        protocol: "original" (keep aspect, pad, scored at the original size) or "square480".
+        protocol: scoring resolution: "spec" (keep aspect, pad, scored at the original size), or
+            "square480" / "mmformer" (stretched to image_size squares and scored there).
         class_id: Class id reported in ``EpisodeBatch.class_id`` and ``novel_classes``.
     """
 
@@ -160,7 +162,7 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         test_episodes: int = 1000,
         seed: int = 0,
-        protocol: Protocol = "original",
+        protocol: ProtocolName = "spec",
         class_id: int = 1,
     ) -> None:
         super().__init__()
@@ -182,7 +184,10 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     def eval_dataset(self, split: str = "predict") -> FolderEpisodes:
         return FolderEpisodes(
-            self.root, TestTransform(self.image_size, self.protocol), self.class_id, self.shot
+            self.root,
+            TestTransform(self.image_size, get_protocol(self.protocol).square),
+            self.class_id,
+            self.shot,
         )
 
     def _loader(self) -> DataLoader:

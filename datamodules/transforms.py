@@ -7,7 +7,6 @@ Every random decision comes from a ``numpy.random.Generator`` handed in by the c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import albumentations as A
 import cv2
@@ -15,8 +14,6 @@ import numpy as np
 import torch
 
 from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD
-
-Protocol = Literal["original", "square480"]
 
 # SPEC §4: shortest-edge scales for a 480 crop; other crop sizes scale them proportionally.
 REFERENCE_SIZE = 480
@@ -123,20 +120,18 @@ class TrainAugment:
 
 
 class TestTransform:
-    """Deterministic test-time resizing (SPEC §5 evaluation resolution).
+    """Deterministic test-time resizing (the scoring resolution of an evaluation protocol, SPEC §5).
 
-    ``"original"``: resize so the long side is ``image_size`` keeping the aspect ratio, pad
-    bottom/right to a square with the mean pixel (0 after normalisation) and label 255; the
-    valid size is the resized extent. ``"square480"``: resize image and label to
-    ``image_size x image_size`` without keeping the aspect ratio (label: nearest).
+    ``square=False``: resize so the long side is ``image_size`` keeping the aspect ratio, pad
+    bottom/right to a square with the mean pixel (0 after normalisation) and label 255; the valid size
+    is the resized extent. ``square=True``: resize image and label to ``image_size x image_size``
+    without keeping the aspect ratio (image bilinear, label nearest, as the reference's evaluator).
     """
 
-    def __init__(self, image_size: int, protocol: Protocol = "original") -> None:
-        if protocol not in ("original", "square480"):
-            raise ValueError(f"protocol must be 'original' or 'square480', got {protocol!r}")
+    def __init__(self, image_size: int, square: bool = False) -> None:
         self.image_size = image_size
-        self.protocol = protocol
-        if protocol == "original":
+        self.square = square
+        if not square:
             self.resize = A.Compose([A.LongestMaxSize(max_size=image_size)])
             self.pad = A.Compose(
                 [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,7 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
         "class_episodes": {str(c): int(n) for c, n in main["class_episodes"].items()},
         "class_names": {str(c): n for c, n in names.items()},
         "wall_time_s": wall_time_s,
+        **evaluation_record(datamodule),
     }
     for other in ("oracle", "baseline"):
         res = results.get(other)
@@ -65,6 +67,20 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
         if res is not None and other != main_name:
             summary[f"{other}_class_iou"] = {str(c): float(v) for c, v in res["class_iou"].items()}
     return summary
+
+
+def evaluation_record(datamodule: Any) -> dict[str, Any]:
+    """Which episodes were scored: the protocol's name and the test list's file and sha256."""
+    protocol = getattr(datamodule, "eval_protocol", None)
+    record: dict[str, Any] = {"protocol": getattr(protocol, "name", getattr(datamodule, "protocol", None))}
+    list_file = getattr(datamodule, "episode_list_file", None)
+    if callable(list_file):
+        path = Path(list_file("test"))
+        record["episode_list"] = str(path)
+        record["episode_list_sha256"] = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        )
+    return record
 
 
 def _fmt(v: float | None) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
@@ -165,6 +167,31 @@ class EpisodeDataModule(pl.LightningDataModule):
     def class_name(self, c: int) -> str:
         return self.class_names[c - 1] if 0 < c <= len(self.class_names) else str(c)
 
+    def provenance(self) -> dict[str, Any]:
+        """What this DataModule serves, as recorded in checkpoints and results (``lightning.provenance``)."""
+        lists = {}
+        for split in ("val", "test"):
+            path = self.episode_list_file(split)
+            lists[split] = {
+                "file": str(path),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None,
+            }
+        return {
+            "dataset": self.name,
+            "datamodule": type(self).__name__,
+            "root": str(self.root),
+            "fold": self.fold,
+            "shot": self.shot,
+            "base_classes": self.base_classes,
+            "novel_classes": self.novel_classes,
+            "class_names": {str(c): self.class_name(c) for c in range(1, self.num_classes + 1)},
+            "image_size": self.image_size,
+            "protocol": self.eval_protocol.name,
+            "seeds": {"train": self.seed, "test": self.test_seed, "val": self.val_seed},
+            "pool_min_pixels": self.pool_min_pixels,
+            "episode_lists": lists,
+        }
+
     # ---- sources, pools --------------------------------------------------------------------------
     @cached_property
     def _sources(self) -> dict[str, SegmentationSource]:
@@ -290,6 +317,10 @@ class EpisodeDataModule(pl.LightningDataModule):
         if not hasattr(self, "_test"):
             self.setup("test")
         return self._loader(self._test, self.eval_batch, _unpadded_shard_sampler(self._test))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test episodes (``predict`` writes a mask and an overlay per episode)."""
+        return self.test_dataloader()
 
 
 DEFAULT_BATCH_SIZE = 8

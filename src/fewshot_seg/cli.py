@@ -127,6 +127,8 @@ class FewShotCLI(LightningCLI):
                 c for c in trainer.callbacks if "ProgressBar" not in str(getattr(c, "class_path", ""))
             ]
         logger = trainer.get("logger") if trainer is not None else None
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            cfg.ckpt_path = _resume_last(trainer, logger)
         if _wandb_available() or logger is None or logger is False:
             return
         entries = logger if isinstance(logger, list) else [logger]
@@ -138,6 +140,11 @@ class FewShotCLI(LightningCLI):
                 entry.init_args = type(args)(
                     save_dir=args.get("save_dir") or "runs", name=args.get("project") or "fewshot-seg"
                 )
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is not None and hasattr(self.model, "run_config"):
+            self._dump_config()  # the resolved config of this run, recorded in its checkpoints and results
+            self.model.run_config = self.config_dump
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
@@ -157,6 +164,46 @@ class FewShotCLI(LightningCLI):
         model = self.model
         folder = Path(getattr(model, "predict_dir", None) or run_dir(self.trainer) / "predictions")
         print(f"predictions written to {folder}")
+
+
+def _resume_last(trainer: Any, logger: Any) -> str:
+    """``--ckpt_path last``: the ``last.ckpt`` of the run to continue, whose logger version is then reused.
+
+    Lightning looks for ``last.ckpt`` in the folder of the *new* run, which for W&B (a fresh random id per
+    run) never holds one, and then trains from scratch. Here the run is the logger's given ``version``
+    or, without one, the most recently written run under the logger's ``save_dir/<project or name>``; its
+    version is set on the logger, so the fit continues in the same folder (and the same W&B run).
+
+    Raises:
+        CheckpointError: no ``last.ckpt`` to resume from (the message names where it looked).
+    """
+    entries = logger if isinstance(logger, list) else [logger]
+    entry = entries[0] if entries and entries[0] not in (None, False, True) else None
+    if entry is None:  # no logger: checkpoints live in default_root_dir/checkpoints
+        path = Path(trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            raise CheckpointError(f"--ckpt_path last: no {path} to resume from")
+        return str(path)
+    args = entry.init_args
+    wandb = "Wandb" in str(entry.class_path)
+    name = (args.get("project") if wandb else args.get("name")) or "lightning_logs"
+    base = Path(args.get("save_dir") or trainer.get("default_root_dir") or ".") / str(name)
+    version = args.get("version") or (args.get("id") if wandb else None)
+    if version is not None:
+        path = base / str(version) / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            raise CheckpointError(f"--ckpt_path last: run {base / str(version)} has no checkpoints/last.ckpt")
+    else:
+        found = sorted(base.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CheckpointError(
+                f"--ckpt_path last: no run under {base} has a checkpoints/last.ckpt to resume from; "
+                "start the fit without --ckpt_path"
+            )
+        path = found[-1]
+        args.version = path.parent.parent.name
+    print(f"resuming run {path.parent.parent} from {path}", file=sys.stderr)
+    return str(path)
 
 
 def _model_class(cfg: Any) -> type | None:
@@ -185,12 +232,29 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
+USER_ERRORS = (CheckpointError, datamodules.DatasetError)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The project's own error behind ``err`` (jsonargparse wraps errors raised while building classes)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def entry_point() -> None:
     """Console script ``fewshot-seg``: exit 0 on success; a user error prints one line and exits 2."""
     try:
         main()
-    except (CheckpointError, datamodules.DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        mine = user_error(err)
+        if mine is None:
+            raise
+        print(f"error: {mine}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

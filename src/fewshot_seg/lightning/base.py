@@ -17,6 +17,14 @@ from fewshot_seg.lightning.callbacks import FreezeModules
 from fewshot_seg.lightning.checkpoints import STAGE_KEY, CheckpointError
 from fewshot_seg.lightning.optim import build_optimizer, resolve_max_steps
 from fewshot_seg.lightning.prediction import write_predictions
+from fewshot_seg.lightning.provenance import (
+    PROVENANCE_KEY,
+    check_class_split,
+    code_version,
+    data_record,
+    merge_trained_on,
+    trained_on,
+)
 from fewshot_seg.lightning.results import format_class_table, run_dir, summarize, write_results
 from fewshot_seg.metrics import FewShotIoU
 from fewshot_seg.models.backbone import build_backbone
@@ -36,6 +44,9 @@ class EpisodeModule(pl.LightningModule):
         optim: optimiser, schedule and global batch.
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
+        allow_class_overlap: use the model on data whose novel classes it may have trained on
+            (another dataset, another fold), e.g. COCO-trained, Pascal-tested transfer; the overlap
+            is reported in results.json. Off by default: such a run is refused (``lightning.provenance``).
     """
 
     stage: str = ""
@@ -49,9 +60,14 @@ class EpisodeModule(pl.LightningModule):
         optim: OptimizerConfig,
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
+        allow_class_overlap: bool = False,
     ) -> None:
         super().__init__()
         self.optim = optim
+        self.allow_class_overlap = allow_class_overlap
+        self.run_config: dict | None = None  # the CLI's resolved config, recorded in checkpoints
+        self._provenance: dict | None = None  # what trained the weights this module holds
+        self._overlap: dict | None = None
         self.eval_class_ids = [int(c) for c in eval_class_ids] if eval_class_ids else None
         self.predict_dir = predict_dir
         self.frozen_modules: tuple[str, ...] = ()
@@ -98,12 +114,39 @@ class EpisodeModule(pl.LightningModule):
             lr_mult={"backbone": backbone_cfg.lr_mult} if backbone_cfg is not None else None,
         )
 
+    # ------------------------------------------------------------------ provenance
+    def _prior_training(self) -> dict | None:
+        """What the weights had seen before this fit (a resumed run's, or stage 2's stage-1 model)."""
+        return trained_on(self._provenance)
+
+    def _data(self) -> dict | None:
+        return data_record(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+
+    def _check_data(self, what: str, trained: dict | None) -> None:
+        self._overlap = check_class_split(trained, self._data(), what, self.allow_class_overlap)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[STAGE_KEY] = self.stage
+        data = self._data()
+        checkpoint[PROVENANCE_KEY] = {
+            "stage": self.stage,
+            "data": data,
+            "trained_on": merge_trained_on(self._prior_training(), data),
+            **self._extra_provenance(),
+            **code_version(),
+            "config": self.run_config,
+        }
 
-    # ------------------------------------------------------------------ trained weights
+    def _extra_provenance(self) -> dict[str, Any]:
+        return {}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_from = "checkpoint"
+        self._provenance = checkpoint.get(PROVENANCE_KEY)
+
+    def on_fit_start(self) -> None:
+        # A resumed fit must continue on the data it started on.
+        self._check_data("fit", self._prior_training())
 
     def _require_trained_weights(self, command: str) -> None:
         """Refuse to evaluate a model built without trained weights (a forgotten ``--ckpt_path``)."""
@@ -192,6 +235,13 @@ class EpisodeModule(pl.LightningModule):
             datamodule=dm,
             wall_time_s=time.perf_counter() - getattr(self, "_test_start", time.perf_counter()),
         )
+        summary["provenance"] = {
+            "model": {k: v for k, v in (self._provenance or {}).items() if k != "config"},
+            "data": self._data(),
+            "class_overlap": self._overlap,
+            "allow_class_overlap": self.allow_class_overlap,
+            "test_run": {**code_version(), "config": self.run_config},
+        }
         self.test_results = summary
         if self.trainer.is_global_zero:
             print(format_class_table(summary))
@@ -218,13 +268,16 @@ class EpisodeModule(pl.LightningModule):
     # ------------------------------------------------------------------ prediction
     def on_predict_start(self) -> None:
         self._require_trained_weights("predict")
+        self._check_data("predict", trained_on(self._provenance))
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "validate":  # during a fit the weights are being trained
             self._require_trained_weights("validate")
+            self._check_data("validate", trained_on(self._provenance))
 
     def on_test_start(self) -> None:
         self._require_trained_weights("test")
+        self._check_data("test", trained_on(self._provenance))
 
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> list[str]:
         """Write each query's mask and overlay PNG (see :func:`write_predictions`); returns the paths."""

@@ -28,6 +28,7 @@ from fewshot_seg.lightning.checkpoints import (
     read_checkpoint,
     recorded_hparams,
 )
+from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
 from fewshot_seg.models.build import build_mask_matching
 from fewshot_seg.models.convert import CheckpointMismatchError, load_reference_checkpoint
 from fewshot_seg.models.criterion import MaskMatchingCriterion
@@ -73,6 +74,10 @@ def resolve_architecture(
     return rec_backbone or backbone or BackboneConfig(), rec_pos or pos or POSConfig()
 
 
+def _without_config(record: Mapping | None) -> dict | None:
+    return {k: v for k, v in record.items() if k != "config"} if record else None
+
+
 class MMModule(EpisodeModule):
     """Stage 2: Mask Matching trained on a frozen stage-1 model (backbone + POS, run under ``no_grad``).
 
@@ -101,6 +106,8 @@ class MMModule(EpisodeModule):
         optim: optimiser, schedule and global batch (4 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
+        allow_class_overlap: see :class:`~fewshot_seg.lightning.base.EpisodeModule`; here also a stage-1
+            model trained on another fold or dataset.
     """
 
     stage = "mm"
@@ -118,6 +125,7 @@ class MMModule(EpisodeModule):
         optim: OptimizerConfig = OptimizerConfig(batch_size=4),
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
+        allow_class_overlap: bool = False,
     ) -> None:
         backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
         mm, loss, optim = (
@@ -125,7 +133,7 @@ class MMModule(EpisodeModule):
             coerce(MMLossConfig, loss),
             coerce(OptimizerConfig, optim),
         )
-        super().__init__(optim, eval_class_ids, predict_dir)
+        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap)
         self.save_hyperparameters(ignore=["predict_dir"])
         path = str(stage1_checkpoint) if stage1_checkpoint else ""
         self._stage1_missing = ""
@@ -152,6 +160,7 @@ class MMModule(EpisodeModule):
         self.criterion = MaskMatchingCriterion(
             dice_weight=loss.dice_weight, contrastive_weight=loss.contrastive_weight
         )
+        self._stage1 = {"checkpoint": path or None, "provenance": ckpt.get(PROVENANCE_KEY) if ckpt else None}
         if ckpt is not None:
             self._load_stage1_state(ckpt, path)
         self._freeze_now()
@@ -168,6 +177,15 @@ class MMModule(EpisodeModule):
     def on_fit_start(self) -> None:
         if self._stage1_missing and getattr(self, "_weights_from", None) is None:
             self._require_trained_weights("fit")
+        super().on_fit_start()
+
+    def _prior_training(self) -> dict | None:
+        # Resumed: the interrupted fit's record (it includes stage 1's); else the stage-1 model's.
+        return trained_on(self._provenance) or trained_on(self._stage1["provenance"])
+
+    def _extra_provenance(self) -> dict[str, Any]:
+        stage1 = (self._provenance or {}).get("stage1") or self._stage1
+        return {"stage1": {**stage1, "provenance": _without_config(stage1.get("provenance"))}}
 
     def load_stage1(self, path: str) -> None:
         """Load backbone + POS from a stage-1 checkpoint; :class:`Stage1CheckpointError` names problems.

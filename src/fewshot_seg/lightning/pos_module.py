@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
+import torch
 from torch import Tensor
 
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
@@ -25,6 +29,7 @@ class POSModule(EpisodeModule):
         optim: optimiser, schedule and global batch (8 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
+        allow_class_overlap: see :class:`~fewshot_seg.lightning.base.EpisodeModule`.
     """
 
     stage = "pos"
@@ -39,10 +44,11 @@ class POSModule(EpisodeModule):
         optim: OptimizerConfig = OptimizerConfig(batch_size=8),
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
+        allow_class_overlap: bool = False,
     ) -> None:
         backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
         loss, optim = coerce(POSLossConfig, loss), coerce(OptimizerConfig, optim)
-        super().__init__(optim, eval_class_ids, predict_dir)
+        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap)
         self.save_hyperparameters(ignore=["predict_dir"])
         self._hparams_as_dicts()
         self.backbone_config = backbone
@@ -62,10 +68,22 @@ class POSModule(EpisodeModule):
         """POS outputs (mask logits on the padded stride-4 grid) for normalised images."""
         return self.pos(self.backbone_features(images))
 
+    def point_generator(self) -> torch.Generator:
+        """The random source of this step's point sampling: a function of (run seed, step, rank).
+
+        Not the global RNG, whose state a resumed run does not have: a fit stopped and resumed draws
+        the same points as an uninterrupted one. The run seed is ``seed_everything``'s (``PL_GLOBAL_SEED``).
+        """
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        state = np.random.SeedSequence([seed, self.global_step, self.global_rank]).generate_state(
+            1, np.uint64
+        )[0]
+        return torch.Generator(device=self.device).manual_seed(int(state))
+
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch.query_image)
         targets = [semantic_to_targets(s) for s in batch.query_semantic]
-        losses = self.criterion(out, targets, batch.query_mask)
+        losses = self.criterion(out, targets, batch.query_mask, generator=self.point_generator())
         loss = sum(losses.values())
         bs = batch.batch_size
         # The final-layer terms and the total; the 2 x 9 auxiliary terms would only clutter the logs.

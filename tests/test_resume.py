@@ -1,0 +1,59 @@
+"""Exact resume through the real CLI: a fit stopped after N steps, resumed to 2N, equals a 2N fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import STAGE1, tiny_data
+
+from fewshot_seg.cli import main
+from fewshot_seg.lightning.checkpoints import CheckpointError
+
+N = 3
+
+
+def _fit(root: Path, out: Path, workers: int, steps: int, *extra: str):
+    return main(
+        [
+            "fit",
+            *STAGE1,
+            *tiny_data(root),
+            f"--data.init_args.num_workers={workers}",
+            "--model.init_args.loss.num_points=256",
+            f"--trainer.max_steps={steps}",
+            f"--model.init_args.optim.max_steps={2 * N}",  # the schedule of the whole run, as after a crash
+            f"--trainer.val_check_interval={N}",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}",  # the default (W&B) logger, no run id given
+            "--trainer.enable_model_summary=false",
+            *extra,
+        ]
+    )
+
+
+def _weights(cli) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_identical(synthetic_root: Path, tmp_path: Path, workers: int) -> None:
+    whole = _weights(_fit(synthetic_root, tmp_path / "whole", workers, 2 * N))
+
+    first = _fit(synthetic_root, tmp_path / "split", workers, N)
+    run = Path(first.trainer.checkpoint_callback.last_model_path).parent.parent
+    resumed = _fit(synthetic_root, tmp_path / "split", workers, 2 * N, "--ckpt_path=last")
+    assert resumed.trainer.global_step == 2 * N
+    # The same run continued: one run folder, its first config kept beside the resumed run's.
+    assert Path(resumed.trainer.checkpoint_callback.last_model_path).parent.parent == run
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config-2.yaml", "config.yaml"]
+    after = _weights(resumed)
+    assert after.keys() == whole.keys()
+    different = [k for k in whole if not torch.equal(whole[k], after[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_resume_without_a_run_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"no run under .* has a checkpoints/last\.ckpt"):
+        _fit(synthetic_root, tmp_path, 0, N, "--ckpt_path=last")

@@ -1,4 +1,4 @@
-# fewshot_seg — run `make help` for the list of targets.
+# fewshot_seg — run `make help` for the list of targets and variables.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -6,23 +6,43 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
+DATASET ?= synthetic
 FOLD ?= 0
 SHOT ?= 1
-DATASET ?= synthetic
+SEED ?= 0
+FOLDS ?= 0 1 2 3
+SHOTS ?= 1 5
+SEEDS ?= 0
 DATA_ROOT ?=
-RUN_DIR ?= runs/$(DATASET)/fold$(FOLD)
+DEVICES ?=
+NODES ?=
+ARGS ?=
+RUN_DIR ?= runs/$(DATASET)/fold$(FOLD)/seed$(SEED)
+SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
+SWEEP_ID ?=
+COUNT ?=
 DATAMODULE_synthetic := SyntheticDataModule
 DATAMODULE_pascal := Pascal5iDataModule
 DATAMODULE_coco := Coco20iDataModule
 DEFAULT_ROOT_synthetic := data/synthetic
 DEFAULT_ROOT_pascal := data/VOCdevkit/VOC2012
 DEFAULT_ROOT_coco := data/coco
+TRAIN_FOLD = $(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES))
 
 .PHONY: help
 help: ## List the targets and their variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
-	@echo "Variables: FOLD=$(FOLD) SHOT=$(SHOT) DATASET=$(DATASET) (synthetic|pascal|coco) DATA_ROOT=$(DATA_ROOT) RUN_DIR=$(RUN_DIR)"
+	@echo "Variables (current value):"
+	@echo "  DATASET=$(DATASET)  synthetic | pascal | coco"
+	@echo "  FOLD=$(FOLD) SHOT=$(SHOT) SEED=$(SEED)  one fold (train-fold, episodes)"
+	@echo "  FOLDS=\"$(FOLDS)\" SHOTS=\"$(SHOTS)\" SEEDS=\"$(SEEDS)\"  the grid of train-all"
+	@echo "  DATA_ROOT=$(DATA_ROOT)  dataset folder (default: the data YAML's root)"
+	@echo "  DEVICES=$(DEVICES) NODES=$(NODES)  --trainer.devices / --trainer.num_nodes (multi-GPU: docs/distributed.md)"
+	@echo "  RUN_DIR=$(RUN_DIR)"
+	@echo "  ARGS=\"$(ARGS)\"  extra fewshot-seg arguments, e.g. ARGS=\"--trainer.max_steps=100\""
+	@echo "  SWEEP=$(SWEEP)  SWEEP_ID=$(SWEEP_ID)  COUNT=$(COUNT)  (sweep, agent)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,33 +58,40 @@ test: ## Run the default test suite (no slow tests)
 	$(PY) -m pytest -q
 
 .PHONY: test-slow
-test-slow: ## Run only the slow tests (multi-process, longer training)
+test-slow: ## Run only the slow tests (multi-process, paper size, longer training)
 	$(PY) -m pytest -q -m slow
 
 .PHONY: lint
-lint: ## ruff check
+lint: ## ruff check and ruff format --check
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 .PHONY: train-fold
-train-fold: ## Stage 1 -> stage 2 -> test on one fold; prints the table, last line = results.json
-	$(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) --fold $(FOLD) --shot $(SHOT) \
-		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --run-dir $(RUN_DIR) $(if $(ARGS),-- $(ARGS))
+train-fold: ## Stage 1 -> stage 2 -> test on FOLD at SHOT; re-run resumes; last line = the fold summary
+	$(TRAIN_FOLD) --fold $(FOLD) --shots $(SHOT) --seed $(SEED) --run-dir $(RUN_DIR) $(if $(ARGS),-- $(ARGS))
 
-.PHONY: episodes
-episodes: ## Render a PNG grid of a few episodes (DATASET, DATA_ROOT) to $(RUN_DIR)/episodes.png
-	$(PY) -m datamodules.visualize --datamodule $(DATAMODULE_$(DATASET)) \
-		--root $(or $(DATA_ROOT),$(DEFAULT_ROOT_$(DATASET))) --fold $(FOLD) --shot $(SHOT) --out $(RUN_DIR)/episodes.png
+.PHONY: train-all
+train-all: ## Every fold of FOLDS x seed of SEEDS (stage 2 per shot of SHOTS), then the aggregate table
+	@set -e; for seed in $(SEEDS); do for fold in $(FOLDS); do \
+		$(TRAIN_FOLD) --fold $$fold --shots $(SHOTS) --seed $$seed --run-dir runs/$(DATASET)/fold$$fold/seed$$seed \
+			$(if $(ARGS),-- $(ARGS)); \
+	done; done
+	$(MAKE) --no-print-directory aggregate DATASET=$(DATASET)
 
 .PHONY: aggregate
-aggregate: ## Gather the 4 folds' results.json under runs/$(DATASET) into one Markdown + CSV table
+aggregate: ## The fold summaries under runs/DATASET -> one table (runs/DATASET/summary.md + .csv)
 	$(PY) -m fewshot_seg.tools.aggregate runs/$(DATASET) -o runs/$(DATASET)/summary
+
+.PHONY: episodes
+episodes: ## Render a PNG grid of a few episodes (DATASET, DATA_ROOT) to RUN_DIR/episodes.png
+	$(PY) -m datamodules.visualize --datamodule $(DATAMODULE_$(DATASET)) \
+		--root $(or $(DATA_ROOT),$(DEFAULT_ROOT_$(DATASET))) --fold $(FOLD) --shot $(SHOT) --out $(RUN_DIR)/episodes.png
 
 .PHONY: benchmark
 benchmark: ## Data throughput and model speed tables on this machine
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/model_speed.py
 
-SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
 .PHONY: sweep
 sweep: ## Register a W&B sweep from SWEEP=lightning_configs/sweeps/<file>.yaml (prints its id)
 	$(VENV)/bin/wandb sweep $(SWEEP)

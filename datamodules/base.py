@@ -109,6 +109,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         if image_size < 8:
             raise DatasetError(f"image_size must be at least 8, got {image_size}")
         self.eval_protocol = get_protocol(protocol)
+        for arg, value in (("test_episodes", test_episodes), ("val_episodes", val_episodes)):
+            if value < 1:
+                raise DatasetError(f"{arg} must be at least 1, got {value}")
         if batch_size is not None and batch_size < 1:
             raise DatasetError(f"batch_size must be positive (or null for the model's), got {batch_size}")
         self.root = Path(root)

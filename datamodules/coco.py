@@ -45,6 +45,31 @@ def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarr
     return label
 
 
+IMAGE_FIELDS = (("file_name", str), ("height", int), ("width", int))
+
+
+def _field(entry: object, key: str, kind: type | tuple[type, ...], where: str, what: str):
+    """``entry[key]`` checked to be a ``kind``; a DatasetError names the file, the entry's id and the key."""
+    ident = entry.get("id") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or key not in entry:
+        raise DatasetError(f"{where}: {what} {ident if ident is not None else entry!r} has no {key!r}")
+    value = entry[key]
+    if kind is int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, str))
+            or not str(value).lstrip("-").isdigit()
+        ):
+            raise DatasetError(f"{where}: {what} {ident}: {key!r} is {value!r}, expected an integer")
+        return int(value)
+    if not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DatasetError(
+            f"{where}: {what} {ident}: {key!r} is a {type(value).__name__}, expected {expected}"
+        )
+    return value
+
+
 class COCOSource(SegmentationSource):
     """One COCO split: its instance JSON is parsed once into per-image annotation lists."""
 
@@ -71,28 +96,34 @@ class COCOSource(SegmentationSource):
         ]
         if missing:
             raise DatasetError(f"invalid COCO annotation file {self.ann_file}: missing keys {missing}")
-        cat_ids = sorted(int(c["id"]) for c in data["categories"])
+        where = str(self.ann_file)
+        cat_ids = sorted(_field(c, "id", int, where, "category") for c in data["categories"])
         if len(cat_ids) != 80:
             raise DatasetError(
                 f"invalid COCO annotation file {self.ann_file}: COCO-20i needs the 80 COCO categories, "
                 f"found {len(cat_ids)}"
             )
         rank = {cid: i + 1 for i, cid in enumerate(cat_ids)}  # class index = rank of the category id
-        by_id = {cid: c["name"] for c in data["categories"] for cid in [int(c["id"])]}
+        by_id = {int(c["id"]): _field(c, "name", str, where, "category") for c in data["categories"]}
         self.class_names = tuple(by_id[cid] for cid in cat_ids)
         self.images: dict[str, tuple[str, int, int]] = {}
         for im in data["images"]:
-            self.images[str(im["id"])] = (im["file_name"], int(im["height"]), int(im["width"]))
+            key = str(_field(im, "id", int, where, "image"))
+            self.images[key] = tuple(_field(im, k, t, where, "image") for k, t in IMAGE_FIELDS)
         self.anns: dict[str, list] = {i: [] for i in self.images}
         for a in data["annotations"]:
-            key = str(a["image_id"])
+            key = str(_field(a, "image_id", int, where, "annotation"))
             if key not in self.anns:
-                raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image {key}")
-            if int(a["category_id"]) not in rank:
+                raise DatasetError(f"{where}: annotation {a.get('id')} refers to unknown image {key}")
+            category = _field(a, "category_id", int, where, "annotation")
+            if category not in rank:
+                raise DatasetError(f"{where}: annotation {a.get('id')} has unknown category {category}")
+            segm = _field(a, "segmentation", (list, dict), where, "annotation")
+            if isinstance(segm, dict) and not {"size", "counts"} <= set(segm):
                 raise DatasetError(
-                    f"{self.ann_file}: annotation {a.get('id')} has unknown category {a['category_id']}"
+                    f"{where}: annotation {a.get('id')} has an RLE without 'size' and 'counts'"
                 )
-            self.anns[key].append((rank[int(a["category_id"])], int(a.get("iscrowd", 0)), a["segmentation"]))
+            self.anns[key].append((rank[category], int(a.get("iscrowd", 0)), segm))
         self.ids = sorted(self.images, key=lambda i: (len(i), i))
         if not self.ids:
             raise DatasetError(f"{self.ann_file} lists no images")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,20 @@ from .protocols import ProtocolName, get_protocol
 from .source import read_rgb
 from .transforms import TestTransform
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 FOLDER_LAYOUT = """expected layout under the root:
-  supports/<name>.jpg|.jpeg|.png|.bmp   support images
+  supports/<name>.<ext>                  support images (any format PIL reads: jpg, png, webp, bmp, tif, ...)
   supports/<name>_mask.png  or  masks/<name>.png   their masks (0 = background, 255 = ignore,
                                                       any other value = the object)
-  queries/<name>.jpg|...                 query images
-  queries/<name>_mask.png (optional)     query masks, same convention (enables scoring)"""
+  queries/[<sub>/]<name>.<ext>           query images, also in sub-folders
+  queries/[<sub>/]<name>_mask.png        optional query masks, same convention (enables scoring)"""
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions PIL can open here (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
@@ -32,6 +40,8 @@ def read_binary_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             m = np.asarray(im.convert("L") if im.mode not in ("P", "L") else im)
+    except FileNotFoundError as e:
+        raise DatasetError(f"mask file is missing: {path}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path} (corrupt or not an image): {e}") from e
     out = (m != 0).astype(np.uint8)
@@ -39,10 +49,13 @@ def read_binary_mask(path: Path) -> np.ndarray:
     return out
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.stem.endswith("_mask")
-    )
+def _scan(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """(images, unsupported files) of ``folder``; ``*_mask.*`` files are masks, not images."""
+    exts = image_extensions()
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
+    images = [p for p in files if p.suffix.lower() in exts and not p.stem.endswith("_mask")]
+    unsupported = [p for p in files if p.suffix.lower() not in exts and not p.name.startswith(".")]
+    return images, unsupported
 
 
 def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
@@ -55,14 +68,20 @@ def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
 
 
 class FolderEpisodes(Dataset):
-    """Every query of ``queries/`` paired with all K supports of ``supports/``."""
+    """Every readable query of ``queries/`` (and its sub-folders) paired with the K supports of ``supports/``.
+
+    Queries are checked when the dataset is built (decoded, mask size compared): one that cannot be
+    used is listed in :attr:`failed` with the reason and left out, so the others are still predicted.
+    Query ids are the paths relative to ``queries/`` *with* their extension (``a.jpg`` and ``a.png``
+    are two queries). Supports must all be usable (no prediction without them).
+    """
 
     def __init__(self, root: Path, transform: TestTransform, class_id: int, shot: int | None) -> None:
         sup_dir, qry_dir, mask_dir = root / "supports", root / "queries", root / "masks"
         for d in (root, sup_dir, qry_dir):
             if not d.is_dir():
                 raise DatasetError(f"folder not found: {d}\n{FOLDER_LAYOUT}")
-        supports = _images(sup_dir)
+        supports, sup_unsupported = _scan(sup_dir, recursive=False)
         if not supports:
             raise DatasetError(f"no support images in {sup_dir}\n{FOLDER_LAYOUT}")
         self.supports: list[tuple[Path, Path]] = []
@@ -78,12 +97,33 @@ class FolderEpisodes(Dataset):
             if not 1 <= shot <= len(self.supports):
                 raise DatasetError(f"shot={shot} but {sup_dir} holds {len(self.supports)} supports")
             self.supports = self.supports[:shot]
-        self.queries = [(q, _mask_for(q, None)) for q in _images(qry_dir)]
-        if not self.queries:
-            raise DatasetError(f"no query images in {qry_dir}\n{FOLDER_LAYOUT}")
         self.transform = transform
         self.class_id = class_id
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        for _, m in self.supports:
+            if not (read_binary_mask(m) == 1).any():
+                warnings.warn(
+                    f"support mask {m} marks no object pixel: predictions are meaningless", stacklevel=2
+                )
+        queries, unsupported = _scan(qry_dir, recursive=True)
+        self.unsupported = [str(p) for p in sup_unsupported + unsupported]
+        self.failed: list[tuple[str, str]] = []
+        self.queries: list[tuple[Path, Path | None, str]] = []
+        for q in queries:
+            m = _mask_for(q, None)
+            try:
+                image = read_rgb(q)
+                if m is not None:
+                    _check_size(read_binary_mask(m), image, m, q)
+            except DatasetError as err:
+                self.failed.append((str(q), str(err)))
+                continue
+            self.queries.append((q, m, q.relative_to(qry_dir).as_posix()))
+        if not self.queries:
+            problems = "; ".join(f"{p}: {why}" for p, why in self.failed)
+            raise DatasetError(
+                f"no usable query image in {qry_dir}{' (' + problems + ')' if problems else ''}"
+            )
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -101,11 +141,9 @@ class FolderEpisodes(Dataset):
         return self._support_cache
 
     def __getitem__(self, index: int) -> dict:
-        q, m = self.queries[index]
+        q, m, query_id = self.queries[index]
         image = read_rgb(q)
         label = read_binary_mask(m) if m else np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        if label.shape != image.shape[:2]:
-            raise DatasetError(f"mask {m} is not the size of image {q}")
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
         return episode_sample(
@@ -116,17 +154,22 @@ class FolderEpisodes(Dataset):
             (),
             valid,
             self._semantic(orig),
-            q.stem,
-            [s.stem for s, _ in self.supports],
+            query_id,
+            [s.name for s, _ in self.supports],
+        )
+
+
+def _check_size(mask: np.ndarray, image: np.ndarray, mask_path: Path, image_path: Path) -> None:
+    if mask.shape != image.shape[:2]:
+        raise DatasetError(
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+            f"{image.shape[1]}x{image.shape[0]} (width x height)"
         )
 
 
 def _pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
     image, mask = read_rgb(image_path), read_binary_mask(mask_path)
-    if mask.shape != image.shape[:2]:
-        raise DatasetError(
-            f"mask {mask_path} is {mask.shape[::-1]} but image {image_path} is {image.shape[1::-1]}"
-        )
+    _check_size(mask, image, mask_path, image_path)
     return image, mask
 
 
@@ -190,9 +233,20 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
             self.shot,
         )
 
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """(query file, reason) of every query left out of the last loader built."""
+        return getattr(self, "_dataset", None).failed if hasattr(self, "_dataset") else []
+
+    @property
+    def unsupported(self) -> list[str]:
+        """Files of ``supports/`` and ``queries/`` that are no image PIL reads (and no mask)."""
+        return getattr(self, "_dataset", None).unsupported if hasattr(self, "_dataset") else []
+
     def _loader(self) -> DataLoader:
+        self._dataset = self.eval_dataset()
         return DataLoader(
-            self.eval_dataset(),
+            self._dataset,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,

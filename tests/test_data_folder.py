@@ -31,8 +31,8 @@ def test_folder_episodes(tmp_path):
     _write(tmp_path / "queries", "q2", h=30, w=50)
     dm = FolderEpisodeDataModule(root=str(tmp_path), image_size=32, batch_size=2, class_id=7)
     batch = next(iter(dm.predict_dataloader()))
-    assert batch.support_images.shape == (2, 2, 3, 32, 32) and batch.support_ids == [["a", "b"]] * 2
-    assert batch.query_id == ["q1", "q2"] and batch.class_id.tolist() == [7, 7]
+    assert batch.support_images.shape == (2, 2, 3, 32, 32) and batch.support_ids == [["a.jpg", "b.jpg"]] * 2
+    assert batch.query_id == ["q1.jpg", "q2.jpg"] and batch.class_id.tolist() == [7, 7]
     assert (batch.query_label_orig[0] == 255).all() and batch.query_label_orig[0].shape == (40, 60)
     q2 = batch.query_label_orig[1]
     assert q2.shape == (30, 50) and (q2[5:20, 10:40] == 1).all() and (q2[0] == 255).all()

@@ -161,9 +161,16 @@ class FewShotCLI(LightningCLI):
     def after_predict(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        model = self.model
-        folder = Path(getattr(model, "predict_dir", None) or run_dir(self.trainer) / "predictions")
+        folder = Path(getattr(self.model, "predict_dir", None) or run_dir(self.trainer) / "predictions")
         print(f"predictions written to {folder}")
+        skipped = getattr(self.datamodule, "unsupported", [])
+        if skipped:
+            print(f"{len(skipped)} file(s) skipped, not an image format PIL reads: {', '.join(skipped)}")
+        failed = getattr(self.datamodule, "failed", [])
+        if failed:
+            lines = "\n".join(f"  {path}: {why}" for path, why in failed)
+            print(f"{len(failed)} quer{'y' if len(failed) == 1 else 'ies'} could not be predicted:\n{lines}")
+            raise SystemExit(1)
 
 
 def _resume_last(trainer: Any, logger: Any) -> str:

@@ -268,6 +268,7 @@ class EpisodeModule(pl.LightningModule):
     # ------------------------------------------------------------------ prediction
     def on_predict_start(self) -> None:
         self._require_trained_weights("predict")
+        self._written: set[str] = set()  # output names of this predict run
         self._check_data("predict", trained_on(self._provenance))
 
     def on_validation_start(self) -> None:
@@ -289,4 +290,4 @@ class EpisodeModule(pl.LightningModule):
             else [(int(h), int(w)) for h, w in batch.query_valid_size.tolist()]
         )
         preds = to_label_size(fg, batch.query_valid_size, sizes)
-        return [str(p) for p in write_predictions(batch, preds, out_dir, batch_idx)]
+        return [str(p) for p in write_predictions(batch, preds, out_dir, batch_idx, self._written)]

@@ -46,13 +46,16 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Mappin
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "Unsupported global" in text:  # a real pickle, of classes a weights-only load refuses
+            found = text.split("Unsupported global:", 1)[1].strip().splitlines()[0][:160]
             raise CheckpointError(
-                f"{name} holds Python objects other than tensors and plain containers "
-                f"({first.removeprefix('Weights only load failed. ')[:160]}); it is not a checkpoint this "
-                "project wrote, and it is not loaded with code execution enabled"
+                f"{name} holds Python objects other than tensors and plain containers ({found}); it is not a "
+                "checkpoint this project wrote, and it is not loaded with code execution enabled"
             ) from None
+        first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+        if "Weights only load failed" in first:  # not a pickle at all (a text file, an image, ...)
+            first = "not a PyTorch file"
         raise CheckpointError(
             f"{name} is not a readable PyTorch checkpoint (truncated, or not a checkpoint at all): {first}"
         ) from None

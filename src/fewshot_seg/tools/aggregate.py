@@ -1,10 +1,14 @@
-"""Gather per-fold ``results.json`` files into one table (per fold + mean), Markdown and CSV.
+"""The results table: fold summaries of ``train_fold`` -> the paper's layout, Markdown and CSV.
 
-    python -m fewshot_seg.tools.aggregate runs/pascal_1shot [more folders or files] [-o summary]
+    python -m fewshot_seg.tools.aggregate runs/pascal [more folders or files] [-o runs/pascal/summary]
 
-Every ``results.json`` found under the given paths is one row; rows are grouped by
-(dataset, shot, stage) and sorted by fold; the mean row is the plain average of the fold values
-(SPEC §6: the 4-fold mean is the average of the fold mIoUs).
+Reads only *fold summaries* (``summary-<K>shot.json``, one per dataset, fold, shot and seed, written by
+``train_fold``), never a test run's own ``results.json``, so a fold counts once. Per (dataset, protocol,
+shot) it prints a block with rows model / oracle / heuristic baseline and columns fold 0..3 and mean
+(SPEC §6: the 4-fold mean is the average of the fold mIoUs); with several seeds a cell is
+``mean ± std`` over the seeds. Two protocols are never averaged together; two summaries of the same
+(dataset, protocol, fold, shot, seed) are refused (``--drop-duplicates`` keeps the newest, with a
+warning); an unreadable file is named.
 """
 
 from __future__ import annotations
@@ -12,90 +16,197 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-COLUMNS = ("miou", "fbiou", "oracle_miou", "baseline_miou")
+SUMMARY_GLOB = "summary-*shot.json"
+SUMMARY_KIND = "fold_summary"
+ROWS = (("model", "miou"), ("oracle", "oracle_miou"), ("heuristic baseline", "baseline_miou"))
+CSV_COLUMNS = (
+    "dataset",
+    "protocol",
+    "fold",
+    "shot",
+    "seed",
+    "miou",
+    "fbiou",
+    "oracle_miou",
+    "baseline_miou",
+    "path",
+)
 
 
-def find_results(paths: Iterable[str | Path]) -> list[Path]:
-    """``results.json`` files: the paths themselves when files, else found recursively under them."""
+class AggregateError(ValueError):
+    """Summaries that cannot make one honest table (unreadable, duplicated)."""
+
+
+def summary_name(shot: int) -> str:
+    """File name of a fold summary for ``shot``."""
+    return f"summary-{shot}shot.json"
+
+
+def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
+    """Fold summaries: the given files, and every ``summary-<K>shot.json`` under the given folders."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_file():
             found.append(p)
         elif p.is_dir():
-            found.extend(sorted(p.rglob("results.json")))
+            found.extend(sorted(p.rglob(SUMMARY_GLOB)))
         else:
             raise FileNotFoundError(f"{p} does not exist")
     return found
 
 
-def aggregate(files: Sequence[Path]) -> list[dict]:
-    """Rows (one per file, then one mean row per group) with dataset, shot, stage, fold and the metrics."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def read_summary(path: Path) -> dict[str, Any]:
+    """One fold summary, checked; an AggregateError names the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AggregateError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict) or data.get("kind") != SUMMARY_KIND:
+        raise AggregateError(f'{path}: not a fold summary of train_fold (no "kind": "{SUMMARY_KIND}")')
+    missing = [k for k in ("dataset", "fold", "shot", "miou") if data.get(k) is None]
+    if missing:
+        raise AggregateError(f"{path}: missing {missing}")
+    return data
+
+
+def collect(files: Sequence[Path], drop_duplicates: bool = False) -> list[dict[str, Any]]:
+    """One row per (dataset, protocol, fold, shot, seed); duplicates refused or dropped (newest kept)."""
+    rows: dict[tuple, dict[str, Any]] = {}
     for f in files:
-        res = json.loads(f.read_text())
+        s = read_summary(f)
         row = {
-            "dataset": res.get("dataset"),
-            "shot": res.get("shot"),
-            "stage": res.get("stage"),
-            "fold": res.get("fold"),
+            "dataset": s["dataset"],
+            "protocol": s.get("protocol") or "spec",
+            "fold": int(s["fold"]),
+            "shot": int(s["shot"]),
+            "seed": int(s.get("seed") or 0),
+            "miou": s["miou"],
+            "fbiou": s.get("fbiou"),
+            "oracle_miou": s.get("oracle_miou"),
+            "baseline_miou": s.get("baseline_miou"),
+            "path": str(f),
+            "_mtime": f.stat().st_mtime,
         }
-        row.update({c: res.get(c) for c in COLUMNS})
-        row["path"] = str(f)
-        groups[(str(row["dataset"]), str(row["shot"]), str(row["stage"]))].append(row)
-    rows: list[dict] = []
-    for key in sorted(groups):
-        fold_rows = sorted(groups[key], key=lambda r: (r["fold"] is None, r["fold"]))
-        rows.extend(fold_rows)
-        mean = {
-            "dataset": fold_rows[0]["dataset"],
-            "shot": fold_rows[0]["shot"],
-            "stage": fold_rows[0]["stage"],
-            "fold": "mean",
-            "path": "",
-        }
-        for c in COLUMNS:
-            vals = [r[c] for r in fold_rows if r[c] is not None]
-            mean[c] = sum(vals) / len(vals) if vals and len(vals) == len(fold_rows) else None
-        rows.append(mean)
-    return rows
+        key = tuple(row[k] for k in ("dataset", "protocol", "fold", "shot", "seed"))
+        if key in rows:
+            other = rows[key]
+            if not drop_duplicates:
+                raise AggregateError(
+                    f"two summaries of {dict(zip(('dataset', 'protocol', 'fold', 'shot', 'seed'), key))}: "
+                    f"{other['path']} and {f} (remove one, or pass --drop-duplicates to keep the newest)"
+                )
+            keep, drop = (row, other) if row["_mtime"] >= other["_mtime"] else (other, row)
+            print(
+                f"warning: duplicate summary {drop['path']} dropped (keeping {keep['path']})", file=sys.stderr
+            )
+            rows[key] = keep
+        else:
+            rows[key] = row
+    return sorted(rows.values(), key=lambda r: (r["dataset"], r["protocol"], r["shot"], r["fold"], r["seed"]))
 
 
-def _fmt(v: object) -> str:
-    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def to_markdown(rows: Sequence[dict]) -> str:
-    head = ["dataset", "shot", "stage", "fold", "mIoU", "FB-IoU", "oracle mIoU", "baseline mIoU"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def blocks(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows grouped by (dataset, protocol, shot): one table block each."""
+    out: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        cells = [r["dataset"], r["shot"], r["stage"], r["fold"], *(r[c] for c in COLUMNS)]
-        text = [_fmt(c) for c in cells]
-        if r["fold"] == "mean":
-            text = [f"**{t}**" for t in text]
-        lines.append("| " + " | ".join(text) + " |")
-    return "\n".join(lines) + "\n"
+        out[(r["dataset"], r["protocol"], r["shot"])].append(r)
+    return dict(out)
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
+def fold_means(block: Sequence[dict[str, Any]], column: str) -> dict[int, list[float]]:
+    """Per seed, the mean over the folds present (only seeds that have every fold of the block)."""
+    folds = sorted({r["fold"] for r in block})
+    by_seed: dict[int, dict[int, float]] = defaultdict(dict)
+    for r in block:
+        if r[column] is not None:
+            by_seed[r["seed"]][r["fold"]] = r[column]
+    return {
+        seed: [statistics.mean(v[f] for f in folds)] for seed, v in by_seed.items() if set(v) == set(folds)
+    }
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The paper's layout: per block, rows model / oracle / baseline x columns fold 0..3 and mean."""
+    parts = []
+    for (dataset, protocol, shot), block in blocks(rows).items():
+        folds = sorted({r["fold"] for r in block})
+        seeds = sorted({r["seed"] for r in block})
+        title = f"**{dataset}, {shot}-shot, protocol {protocol}** (mIoU %; seeds {', '.join(map(str, seeds))}"
+        title += ", mean ± std over seeds)" if len(seeds) > 1 else ")"
+        head = ["", *(f"fold {f}" for f in folds), "mean"]
+        lines = [title, "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for label, column in ROWS:
+            cells = [
+                _cell([r[column] for r in block if r["fold"] == f and r[column] is not None]) for f in folds
+            ]
+            means = [m[0] for m in fold_means(block, column).values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_cell(means)}** |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def to_csv_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row, then a ``mean`` row per (dataset, protocol, shot) and seed over the block's folds."""
+    out = [{k: r[k] for k in CSV_COLUMNS} for r in rows]
+    for (dataset, protocol, shot), block in blocks(rows).items():
+        per_seed = {c: fold_means(block, c) for c in ("miou", "fbiou", "oracle_miou", "baseline_miou")}
+        for seed in sorted(per_seed["miou"]):
+            mean = {
+                "dataset": dataset,
+                "protocol": protocol,
+                "fold": "mean",
+                "shot": shot,
+                "seed": seed,
+                "path": "",
+            }
+            for c, values in per_seed.items():
+                mean[c] = values[seed][0] if seed in values else None
+            out.append(mean)
+    return out
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["dataset", "shot", "stage", "fold", *COLUMNS, "path"])
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(to_csv_rows(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="run folders (searched recursively) or results.json files")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", help="run folders (searched recursively) or summary files")
     parser.add_argument("-o", "--output", default=None, help="write <output>.md and <output>.csv")
+    parser.add_argument(
+        "--drop-duplicates", action="store_true", help="keep the newest of duplicated summaries (warns)"
+    )
     args = parser.parse_args(argv)
-    files = find_results(args.paths)
-    if not files:
-        parser.error("no results.json found")
-    rows = aggregate(files)
+    try:
+        rows = collect(find_summaries(args.paths), args.drop_duplicates)
+    except (AggregateError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(
+            f"error: no {SUMMARY_GLOB} under {', '.join(args.paths)} (run train_fold first)", file=sys.stderr
+        )
+        return 2
     md = to_markdown(rows)
     print(md, end="")
     if args.output:
@@ -103,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(md)
         write_csv(rows, out.with_suffix(".csv"))
+        print(f"table written to {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Train and test one fold end to end: stage 1 (POS) -> stage 2 (MM, from stage 1's best) -> test.
+"""Train and test one fold end to end: stage 1 (POS) -> per shot: stage 2 (MM) -> test -> fold summary.
 
-    python -m fewshot_seg.tools.train_fold --dataset synthetic --fold 0          # what `make train-fold` runs
-    python -m fewshot_seg.tools.train_fold --dataset pascal --data-root data/VOCdevkit/VOC2012 --fold 1 \
-        -- --trainer.devices=1                                                  # extra CLI args after --
+    python -m fewshot_seg.tools.train_fold --dataset synthetic --fold 0     # what `make train-fold` runs
+    python -m fewshot_seg.tools.train_fold --dataset pascal --data-root data/VOCdevkit/VOC2012 --fold 1 \\
+        --shots 1 5 --devices 4 -- --trainer.precision=bf16-mixed        # extra CLI args after --
 
-Each stage is one ``fewshot-seg`` run (a subprocess, so the command lines printed here can be re-run by
-hand) in its own folder under ``--run-dir``. The last line printed is the path of ``<run-dir>/results.json``.
+One stage-1 model serves every shot; stage 2 is trained per shot, as the reference does. Each stage is one
+``fewshot-seg`` run (a subprocess, so the printed command lines can be re-run by hand) in a fixed folder
+``<run-dir>/fewshot-seg/<dataset>-fold<F>-seed<S>-<stage>/``. Running the same command again continues
+where it stopped: a finished stage (``done.json`` beside its checkpoints) is skipped, an unfinished one
+resumes from its ``last.ckpt``. Each shot ends with ``<run-dir>/summary-<K>shot.json``, the one fold
+summary ``aggregate`` reads; the last line printed is its path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.results import format_class_table
+from fewshot_seg.tools.aggregate import SUMMARY_KIND, summary_name
 
 # dataset -> (data config, stage-1 config, stage-2 config, (stage-1 steps, stage-2 steps) or None = YAML's)
 DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
@@ -29,12 +34,13 @@ DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
     "pascal": ("data_pascal.yaml", "stage1_pos.yaml", "stage2_mm.yaml", (20_000, 10_000)),
     "coco": ("data_coco.yaml", "stage1_pos.yaml", "stage2_mm.yaml", (60_000, 20_000)),  # SPEC §4
 }
+PROJECT = "fewshot-seg"  # the W&B project / logger name of trainer.yaml
 
 
-def _config_args(config_dir: Path, *names: str) -> list[str]:
+def _config_args(folder: Path, *names: str) -> list[str]:
     args = []
     for name in names:
-        path = config_dir / name
+        path = folder / name
         if not path.is_file():
             raise SystemExit(f"config {path} not found: pass --config-dir <folder holding {name}>")
         args += ["-c", str(path)]
@@ -48,17 +54,36 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"stage failed with exit code {done.returncode}: {shlex.join(cmd)}")
 
 
-def _find(folder: Path, pattern: str) -> Path | None:
-    """The newest file under ``folder`` matching ``pattern`` (recursive), or None."""
-    hits = sorted(folder.glob(f"**/{pattern}"), key=lambda p: p.stat().st_mtime)
-    return hits[-1] if hits else None
+class Stage:
+    """One ``fewshot-seg`` run of the fold, in its fixed folder."""
+
+    def __init__(self, run_dir: Path, tag: str) -> None:
+        self.tag = tag
+        self.folder = run_dir / PROJECT / tag
+        self.done_file = self.folder / "done.json"
+
+    @property
+    def done(self) -> dict | None:
+        try:
+            return json.loads(self.done_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def resume_args(self) -> list[str]:
+        """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a checkpoint."""
+        return ["--ckpt_path=last"] if (self.folder / "checkpoints" / "last.ckpt").exists() else []
+
+    def finish(self, **record: str) -> None:
+        self.done_file.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def best_checkpoint(folder: Path) -> Path:
+def best_checkpoint(stage: Stage) -> Path:
     """The stage's best checkpoint (by its validation metric), else its last one."""
-    found = _find(folder, "checkpoints/best-*.ckpt") or _find(folder, "checkpoints/last.ckpt")
-    if found is None:
-        raise SystemExit(f"no checkpoint was written under {folder}")
+    ckpts = stage.folder / "checkpoints"
+    best = sorted(ckpts.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    found = best[-1] if best else ckpts / "last.ckpt"
+    if not found.exists():
+        raise SystemExit(f"no checkpoint was written under {ckpts}")
     return found
 
 
@@ -68,9 +93,14 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--shot", type=int, default=1)
+    parser.add_argument(
+        "--shots", type=int, nargs="+", default=[1], help="stage 2 + test per shot (default: 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="run seed: seed_everything and training episodes")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the data YAML's)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<dataset>/fold<fold>")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: runs/<dataset>/fold<F>/seed<S>")
+    parser.add_argument("--devices", default=None, help="--trainer.devices (default: the trainer YAML's)")
+    parser.add_argument("--nodes", default=None, help="--trainer.num_nodes (default: 1)")
     parser.add_argument(
         "--config-dir",
         type=Path,
@@ -87,45 +117,92 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
 
-    run_dir = args.run_dir or Path("runs") / args.dataset / f"fold{args.fold}"
+    run_dir = args.run_dir or Path("runs") / args.dataset / f"fold{args.fold}" / f"seed{args.seed}"
     data_cfg, stage1_cfg, stage2_cfg, steps = DATASETS[args.dataset]
     use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
     trainer_cfgs = ["trainer.yaml"] + (["trainer_gpu.yaml"] if use_gpu else [])
-    data_args = [f"--data.init_args.fold={args.fold}", f"--data.init_args.shot={args.shot}"]
+    common = [
+        f"--data.init_args.fold={args.fold}",
+        f"--seed_everything={args.seed}",
+        f"--data.init_args.seed={args.seed}",
+    ]
     if args.data_root:
-        data_args.append(f"--data.init_args.root={args.data_root}")
+        common.append(f"--data.init_args.root={args.data_root}")
+    if args.devices:
+        common.append(f"--trainer.devices={args.devices}")
+    if args.nodes:
+        common.append(f"--trainer.num_nodes={args.nodes}")
     cli = [sys.executable, "-m", "fewshot_seg.cli"]
+    name = f"{args.dataset}-fold{args.fold}-seed{args.seed}"
 
-    def stage_args(cfg: str, folder: Path, max_steps: int | None) -> list[str]:
-        out = _config_args(args.config_dir, *trainer_cfgs, data_cfg, cfg) + data_args
-        out += [f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}"]
+    def stage_args(cfg: str, stage: Stage, shot: int, max_steps: int | None) -> list[str]:
+        out = (
+            _config_args(args.config_dir, *trainer_cfgs, data_cfg, cfg)
+            + common
+            + [f"--data.init_args.shot={shot}"]
+        )
+        out += [
+            f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger.init_args.save_dir={run_dir}",
+            f"--trainer.logger.init_args.version={stage.tag}",
+        ]
         if max_steps is not None:
             out.append(f"--trainer.max_steps={max_steps}")
         return out + extra
 
     start = time.perf_counter()
-    _run([*cli, "fit", *stage_args(stage1_cfg, run_dir / "stage1", steps and steps[0])])
-    stage1_ckpt = best_checkpoint(run_dir / "stage1")
+    stage1 = Stage(run_dir, f"{name}-stage1")
+    if stage1.done is None:
+        _run(
+            [
+                *cli,
+                "fit",
+                *stage_args(stage1_cfg, stage1, args.shots[0], steps and steps[0]),
+                *stage1.resume_args(),
+            ]
+        )
+        stage1.finish(best=str(best_checkpoint(stage1)))
+    stage1_ckpt = Path(stage1.done["best"])
 
-    stage2 = [f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
-    _run([*cli, "fit", *stage_args(stage2_cfg, run_dir / "stage2", steps and steps[1]), *stage2])
-    stage2_ckpt = best_checkpoint(run_dir / "stage2")
+    out = run_dir
+    for shot in args.shots:
+        stage2 = Stage(run_dir, f"{name}-stage2-{shot}shot")
+        from_stage1 = [f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
+        if stage2.done is None:
+            fit = stage_args(stage2_cfg, stage2, shot, steps and steps[1])
+            _run([*cli, "fit", *fit, *from_stage1, *stage2.resume_args()])
+            stage2.finish(best=str(best_checkpoint(stage2)))
+        stage2_ckpt = Path(stage2.done["best"])
 
-    test_dir = run_dir / "test"
-    _run([*cli, "test", *stage_args(stage2_cfg, test_dir, None), *stage2, f"--ckpt_path={stage2_ckpt}"])
-    results_path = _find(test_dir, "results.json")
-    if results_path is None:
-        raise SystemExit(f"the test run wrote no results.json under {test_dir}")
+        test = Stage(run_dir, f"{name}-test-{shot}shot")
+        results = test.folder / "results.json"
+        if not results.exists() or results.stat().st_mtime < stage2.done_file.stat().st_mtime:
+            _run(
+                [
+                    *cli,
+                    "test",
+                    *stage_args(stage2_cfg, test, shot, None),
+                    *from_stage1,
+                    f"--ckpt_path={stage2_ckpt}",
+                ]
+            )
+        if not results.exists():
+            raise SystemExit(f"the test run wrote no results.json under {test.folder}")
 
-    summary = json.loads(results_path.read_text())
-    summary["test_wall_time_s"] = summary.get("wall_time_s")
-    summary["wall_time_s"] = time.perf_counter() - start  # the whole fold: both fits and the test
-    summary["stage1_checkpoint"] = str(stage1_ckpt)
-    summary["stage2_checkpoint"] = str(stage2_ckpt)
-    out = run_dir / "results.json"
-    out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    print("\n" + format_class_table(summary))
-    print(out)
+        summary = json.loads(results.read_text())
+        summary.update(
+            kind=SUMMARY_KIND,
+            seed=args.seed,
+            test_wall_time_s=summary.get("wall_time_s"),
+            wall_time_s=time.perf_counter() - start,  # this invocation: the stages it ran and the test
+            stage1_checkpoint=str(stage1_ckpt),
+            stage2_checkpoint=str(stage2_ckpt),
+            test_results=str(results),
+        )
+        out = run_dir / summary_name(shot)
+        out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        print("\n" + format_class_table(summary))
+        print(out)
     return out
 
 

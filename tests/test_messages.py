@@ -1,0 +1,82 @@
+"""Every user mistake gives one clear line naming the file, argument or annotation: no wall of traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import STAGE1, STAGE2, run_dir_args, tiny_data
+
+from datamodules import DatasetError
+from datamodules.coco import COCOSource
+from datamodules.fake import make_fake_coco
+from fewshot_seg import cli
+from fewshot_seg.lightning.checkpoints import CheckpointError, read_checkpoint
+
+
+def _console(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, list[str]]:
+    """Run the console script ``fewshot-seg <args>``; its exit code and the lines it printed on stderr."""
+    monkeypatch.setattr(sys, "argv", ["fewshot-seg", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry_point()
+    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--data.init_args.fold=4", "error: fold must be in 0..3, got 4"),
+        ("--data.init_args.shot=0", "error: shot must be in 1..max_shot=5, got 0 (raise max_shot for more)"),
+        ("--data.init_args.test_episodes=0", "error: test_episodes must be at least 1, got 0"),
+    ],
+)
+def test_bad_argument_is_one_line(
+    arg: str, message: str, synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    code, err = _console(
+        monkeypatch, capsys, "fit", *STAGE1, *tiny_data(synthetic_root), *run_dir_args(tmp_path), arg
+    )
+    assert code == 2 and err == [message]
+
+
+def test_non_checkpoint_files_are_named(synthetic_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    code, err = _console(
+        monkeypatch,
+        capsys,
+        "fit",
+        *STAGE2,
+        *tiny_data(synthetic_root),
+        *run_dir_args(tmp_path),
+        f"--model.init_args.stage1_checkpoint={text}",
+    )
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: stage1_checkpoint '{text}' is not a readable PyTorch checkpoint")
+    # A pickle holding code objects: refused without ever suggesting weights_only=False.
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Path("p")}, evil)
+    with pytest.raises(CheckpointError, match="holds Python objects") as info:
+        read_checkpoint(evil, "stage1_checkpoint")
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_malformed_coco_entries_are_named(tmp_path: Path) -> None:
+    root = make_fake_coco(tmp_path / "coco", per_class=1)
+    ann = root / "annotations" / "instances_val2014.json"
+    data = json.loads(ann.read_text())
+    cases = [
+        (lambda d: d["annotations"][0].pop("segmentation"), r"annotation 1 has no 'segmentation'"),
+        (lambda d: d["images"][0].pop("height"), r"image 1000 has no 'height'"),
+        (lambda d: d["annotations"][1].update(segmentation="oops"), r"annotation 2: 'segmentation' is a str"),
+        (lambda d: d["annotations"][2].update(image_id=5), r"annotation 3 refers to unknown image 5"),
+    ]
+    for break_it, message in cases:
+        broken = json.loads(json.dumps(data))
+        break_it(broken)
+        ann.write_text(json.dumps(broken))
+        with pytest.raises(DatasetError, match=rf"{ann}: {message}"):
+            COCOSource(root, "val", 2014)

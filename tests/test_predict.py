@@ -1,0 +1,85 @@
+"""``predict`` never loses work: unique output names, bad queries reported and skipped, odd files named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import cfg, run_dir_args
+from PIL import Image
+
+from fewshot_seg.cli import main
+
+
+def _image(path: Path, h: int = 48, w: int = 64, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _mask(path: Path, h: int = 48, w: int = 64, empty: bool = False) -> None:
+    m = np.zeros((h, w), dtype=np.uint8)
+    if not empty:
+        m[10:30, 20:50] = 255 - 1
+    Image.fromarray(m).save(path)
+
+
+def _predict(folder: Path, out: Path, stage1: Path, stage2: Path) -> None:
+    main(
+        [
+            "predict",
+            *cfg("stage2_mm_cpu_demo.yaml", "trainer.yaml"),
+            "--data=datamodules.FolderEpisodeDataModule",
+            *run_dir_args(out / "runs"),
+            f"--data.root={folder}",
+            "--data.image_size=64",
+            "--data.batch_size=2",
+            f"--model.init_args.stage1_checkpoint={stage1}",
+            f"--model.init_args.predict_dir={out / 'png'}",
+            f"--ckpt_path={stage2}",
+        ]
+    )
+
+
+def test_predict_names_skips_and_reports(
+    stage1_ckpt: Path, stage2_ckpt: Path, tmp_path: Path, capsys
+) -> None:
+    folder = tmp_path / "episode"
+    _image(folder / "supports" / "s0.jpg")
+    _mask(folder / "supports" / "s0_mask.png")
+    q = folder / "queries"
+    _image(q / "a.jpg", seed=1)
+    _image(q / "a.png", seed=2)  # same stem as a.jpg: its own outputs
+    _image(q / "c.webp", seed=3)  # any format PIL reads
+    _image(q / "sub" / "d.jpg", seed=4)  # sub-folders too
+    (q / "bad.jpg").write_text("not an image")  # unreadable: reported, the others still written
+    _image(q / "e.jpg", seed=5)
+    _mask(q / "e_mask.png", h=20, w=20)  # wrong size: reported
+    (q / "notes.txt").write_text("hello")  # not an image: named as skipped
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt)
+    assert exit_info.value.code == 1  # after writing everything else
+    png = tmp_path / "png"
+    written = sorted(p.relative_to(png).as_posix() for p in png.rglob("*_mask.png"))
+    assert written == [
+        "a.jpg_c1_mask.png",
+        "a.png_c1_mask.png",
+        "c.webp_c1_mask.png",
+        "sub/d.jpg_c1_mask.png",
+    ]
+    assert Image.open(png / "a.jpg_c1_mask.png").size == (64, 48)
+    out = capsys.readouterr().out
+    assert f"predictions written to {png}" in out
+    assert "1 file(s) skipped" in out and "notes.txt" in out
+    assert "2 queries could not be predicted" in out
+    assert "bad.jpg: cannot read image" in out and "e_mask.png is 20x20 but image" in out
+
+
+def test_empty_support_mask_warns(stage1_ckpt: Path, stage2_ckpt: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "episode"
+    _image(folder / "supports" / "s0.jpg")
+    _mask(folder / "supports" / "s0_mask.png", empty=True)
+    _image(folder / "queries" / "q.jpg", seed=1)
+    with pytest.warns(UserWarning, match=r"support mask .*s0_mask.png marks no object pixel"):
+        _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt)
+    assert (tmp_path / "png" / "q.jpg_c1_mask.png").is_file()

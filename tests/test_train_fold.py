@@ -1,0 +1,81 @@
+"""``make train-fold``'s driver end to end on tiny data: one summary per shot, a re-run skips or resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import GEN
+
+from fewshot_seg.tools.aggregate import SUMMARY_KIND
+from fewshot_seg.tools.aggregate import main as aggregate
+from fewshot_seg.tools.train_fold import main as train_fold
+
+
+def _args(root: Path, run_dir: Path, *options: str) -> list[str]:
+    tiny = [
+        f"--data.init_args.root={root}",
+        f"--data.init_args.num_train={GEN['num_train']}",
+        f"--data.init_args.num_val={GEN['num_val']}",
+        "--data.init_args.pool_min_pixels=50",
+        "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.val_episodes=2",
+        "--data.init_args.test_episodes=4",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_model_summary=false",
+    ]
+    return [
+        "--dataset",
+        "synthetic",
+        "--fold",
+        "0",
+        "--run-dir",
+        str(run_dir),
+        "--no-gpu",
+        *options,
+        "--",
+        *tiny,
+    ]
+
+
+def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "fold0"
+    out = train_fold(_args(synthetic_root, run, "--shots", "1", "2"))
+    assert out == run / "summary-2shot.json"
+    for shot in (1, 2):
+        summary = json.loads((run / f"summary-{shot}shot.json").read_text())
+        assert summary["kind"] == SUMMARY_KIND and summary["shot"] == shot and summary["fold"] == 0
+        assert summary["seed"] == 0 and summary["protocol"] == "spec" and summary["dataset"] == "synthetic"
+    stages = sorted(p.name for p in (run / "fewshot-seg").iterdir())
+    assert stages == [
+        "synthetic-fold0-seed0-stage1",
+        "synthetic-fold0-seed0-stage2-1shot",
+        "synthetic-fold0-seed0-stage2-2shot",
+        "synthetic-fold0-seed0-test-1shot",
+        "synthetic-fold0-seed0-test-2shot",
+    ]
+    capsys.readouterr()
+
+    # Again: every stage is done, nothing runs.
+    train_fold(_args(synthetic_root, run, "--shots", "1", "2"))
+    assert "$ " not in capsys.readouterr().out
+
+    # An interrupted stage 2 (checkpoint written, never marked done) resumes from its last.ckpt.
+    (run / "fewshot-seg" / "synthetic-fold0-seed0-stage2-1shot" / "done.json").unlink()
+    train_fold(_args(synthetic_root, run))
+    printed = capsys.readouterr().out
+    assert printed.count("$ ") == 2 and "--ckpt_path=last" in printed  # stage 2 resumed, then its test
+    assert "stage1" not in printed.split("$ ")[1].split("fit")[0]
+
+    # One row per fold and shot in the table.
+    assert aggregate([str(tmp_path), "-o", str(tmp_path / "table")]) == 0
+    assert len((tmp_path / "table.csv").read_text().splitlines()) == 1 + 2 + 2
+
+
+def test_missing_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"config .*trainer.yaml not found: pass --config-dir"):
+        train_fold(["--config-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fewshot_seg.config import OptimizerConfig
-from fewshot_seg.lightning.callbacks import FreezeModules
+from fewshot_seg.lightning.callbacks import BestCheckpoint, FreezeModules
 from fewshot_seg.lightning.optim import build_optimizer
 
 
@@ -75,3 +75,73 @@ def test_unknown_module_path_is_named(tmp_path) -> None:
     cb = FreezeModules(["backbone", "pos"])
     with pytest.raises(AttributeError, match="'pos'"):
         cb.setup(None, _Toy(), "fit")  # type: ignore[arg-type]
+
+
+class _Scored(pl.LightningModule):
+    """Validation metric ``val/m`` follows ``scores`` (one value per validation)."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+        self.scores = list(scores)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx) -> None:
+        pass
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/m", self.scores.pop(0))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _checkpointed_fit(tmp_path, scores: list[float], steps: int, **kw) -> BestCheckpoint:
+    data = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+    cb = BestCheckpoint(monitor="val/m", dirpath=str(tmp_path / "ckpt"), **kw)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(_Scored(scores), data, data)
+    return cb
+
+
+def test_last_checkpoint_is_the_latest_state_and_a_link_when_it_is_the_best(tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    # Best at step 2, worse at step 4, stop at step 5: last.ckpt is step 5, the best stays step 2.
+    _checkpointed_fit(tmp_path, [5.0, 1.0], steps=5)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best-step2.ckpt", "last.ckpt"]
+    assert not (ckpt / "last.ckpt").is_symlink()
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == 5
+    # Best at the last validation step: last.ckpt is a link to it, not a second full copy.
+    _checkpointed_fit(tmp_path / "b", [1.0, 5.0], steps=4)
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "best-step4.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best-step4.ckpt", "last.ckpt"]
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _checkpointed_fit(tmp_path, [5.0, 1.0], steps=2)
+    ckpt = tmp_path / "ckpt"
+    before = (ckpt / "best-step2.ckpt").read_bytes()
+
+    def crash(self, filepath, weights_only=False, storage_options=None):
+        with open(filepath, "wb") as f:  # a half-written file, then the process dies
+            f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("the disk died")
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="the disk died"):
+        _checkpointed_fit(tmp_path, [9.0], steps=2)
+    # The interrupted save left only its temporary file; every real name still loads as before.
+    assert (ckpt / "best-step2.ckpt").read_bytes() == before
+    assert not any(p.name.startswith("best") and p.stat().st_size < 100 for p in ckpt.iterdir())

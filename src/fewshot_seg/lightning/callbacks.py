@@ -66,9 +66,11 @@ class BestCheckpoint(ModelCheckpoint):
     * ``monitor="auto"`` takes ``pl_module.monitor_metric`` (``val/oracle_miou`` in stage 1, ``val/miou``
       in stage 2), so one trainer config serves both stages; metric names contain ``/``, so file names
       do not embed them.
-    * ``last.ckpt`` is kept (for ``--ckpt_path last``). When the best checkpoint was written at the
-      same step, ``last.ckpt`` is a symbolic link to it instead of a second full copy (unlike
-      Lightning's ``save_last="link"``, never a link to an *older* step's file).
+    * ``last.ckpt`` (for ``--ckpt_path last``) holds the state of the latest validation and of the end
+      of training, whether or not the metric improved (Lightning >= 2.5 refreshes it only with a new
+      top-k file). When the best checkpoint was written at the same step, ``last.ckpt`` is a symbolic
+      link to it instead of a second full copy (unlike Lightning's ``save_last="link"``, never a link to
+      an *older* step's file).
     * Every file is written under a temporary name and renamed into place, so a run killed while
       saving never leaves a truncated checkpoint under a real name.
     """
@@ -81,8 +83,10 @@ class BestCheckpoint(ModelCheckpoint):
         save_top_k: int = 1,
         filename: str = "best-step{step}",
         auto_insert_metric_name: bool = False,
+        enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
+        # No version counter: a resumed run rewrites its own last.ckpt instead of starting last-v1.ckpt.
         super().__init__(
             monitor=monitor,
             mode=mode,
@@ -90,6 +94,7 @@ class BestCheckpoint(ModelCheckpoint):
             save_top_k=save_top_k,
             filename=filename,
             auto_insert_metric_name=auto_insert_metric_name,
+            enable_version_counter=enable_version_counter,
             **kwargs,
         )
 
@@ -98,6 +103,19 @@ class BestCheckpoint(ModelCheckpoint):
             # Without a metric ModelCheckpoint keeps the latest checkpoint(s) instead.
             self.monitor = getattr(pl_module, "monitor_metric", None) or None
         super().setup(trainer, pl_module, stage)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)  # skipped when a top-k file (and last) was just saved at this step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)  # the final weights, also when the last step was not a validation step
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         folder, name = os.path.split(filepath)

@@ -20,15 +20,53 @@ COCO_LAYOUT = """expected layout under the root:
   train{year}/<file_name>, val{year}/<file_name>     (file_name as in the JSON's "images")"""
 
 
+def annotation_rle(segmentation, h: int, w: int) -> dict:
+    """Compressed RLE of one annotation's polygon(s), uncompressed RLE or compressed RLE."""
+    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, h, w)
+    return segmentation
+
+
 def annotation_mask(segmentation, h: int, w: int) -> np.ndarray:
     """``[h, w]`` uint8 {0, 1} of one annotation's polygon(s), uncompressed RLE or compressed RLE."""
-    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    else:
-        rle = segmentation
-    return mask_utils.decode(rle)
+    return mask_utils.decode(annotation_rle(segmentation, h, w))
+
+
+def read_instances_json(ann_file: Path, what: str = "COCO") -> dict:
+    """A COCO-style instance JSON (COCO, LVIS), checked to hold images, annotations and categories."""
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"invalid {what} annotation file {ann_file}: {e}") from e
+    missing = [
+        k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data
+    ]
+    if missing:
+        raise DatasetError(f"invalid {what} annotation file {ann_file}: missing keys {missing}")
+    return data
+
+
+def group_annotations(ann_file: Path, data: dict) -> dict[str, list[dict]]:
+    """str(image id) -> its annotations in file order (every listed image, possibly none).
+
+    Raises:
+        DatasetError: an annotation refers to an image or a category the file does not list.
+    """
+    by_image: dict[str, list[dict]] = {str(im["id"]): [] for im in data["images"]}
+    categories = {int(c["id"]) for c in data["categories"]}
+    for a in data["annotations"]:
+        key = str(a["image_id"])
+        if key not in by_image:
+            raise DatasetError(f"{ann_file}: annotation {a.get('id')} refers to unknown image {key}")
+        if int(a["category_id"]) not in categories:
+            raise DatasetError(
+                f"{ann_file}: annotation {a.get('id')} has unknown category {a['category_id']}"
+            )
+        by_image[key].append(a)
+    return by_image
 
 
 def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarray:
@@ -61,16 +99,7 @@ class COCOSource(SegmentationSource):
             raise DatasetError(f"annotation file not found: {self.ann_file}\n{COCO_LAYOUT.format(year=year)}")
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder not found: {self.image_dir}\n{COCO_LAYOUT.format(year=year)}")
-        try:
-            with open(self.ann_file) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: {e}") from e
-        missing = [
-            k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data
-        ]
-        if missing:
-            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: missing keys {missing}")
+        data = read_instances_json(self.ann_file)
         cat_ids = sorted(int(c["id"]) for c in data["categories"])
         if len(cat_ids) != 80:
             raise DatasetError(
@@ -83,16 +112,10 @@ class COCOSource(SegmentationSource):
         self.images: dict[str, tuple[str, int, int]] = {}
         for im in data["images"]:
             self.images[str(im["id"])] = (im["file_name"], int(im["height"]), int(im["width"]))
-        self.anns: dict[str, list] = {i: [] for i in self.images}
-        for a in data["annotations"]:
-            key = str(a["image_id"])
-            if key not in self.anns:
-                raise DatasetError(f"{self.ann_file}: annotation {a.get('id')} refers to unknown image {key}")
-            if int(a["category_id"]) not in rank:
-                raise DatasetError(
-                    f"{self.ann_file}: annotation {a.get('id')} has unknown category {a['category_id']}"
-                )
-            self.anns[key].append((rank[int(a["category_id"])], int(a.get("iscrowd", 0)), a["segmentation"]))
+        self.anns: dict[str, list] = {
+            key: [(rank[int(a["category_id"])], int(a.get("iscrowd", 0)), a["segmentation"]) for a in anns]
+            for key, anns in group_annotations(self.ann_file, data).items()
+        }
         self.ids = sorted(self.images, key=lambda i: (len(i), i))
         if not self.ids:
             raise DatasetError(f"{self.ann_file} lists no images")

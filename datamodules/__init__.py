@@ -1,9 +1,14 @@
 """Few-shot episode LightningDataModules emitting ``fewshot_seg.episode.EpisodeBatch``."""
 
 from .base import EpisodeDataModule
+from .binary import BinaryMaskFolderSource, read_threshold_mask
 from .coco import Coco20iDataModule, COCOSource, render_semantic
+from .coco2pascal import VOC_TO_COCO, Coco2PascalDataModule
+from .crossdomain import ChestXrayDataModule, DeepglobeDataModule, ISIC2018DataModule
 from .errors import DatasetError
 from .folder import FolderEpisodeDataModule
+from .fss import FSS1000DataModule
+from .lvis import LVIS92iDataModule, LVISSource
 from .pascal import PASCAL_CLASSES, Pascal5iDataModule, VOCSource
 from .source import SegmentationSource
 from .synthetic import SYNTHETIC_CLASSES, SyntheticDataModule, generate_synthetic_voc
@@ -12,11 +17,20 @@ from .transforms import TestTransform, TrainAugment, default_support_min_pixels,
 __all__ = [
     "PASCAL_CLASSES",
     "SYNTHETIC_CLASSES",
+    "VOC_TO_COCO",
+    "BinaryMaskFolderSource",
     "COCOSource",
+    "ChestXrayDataModule",
+    "Coco2PascalDataModule",
     "Coco20iDataModule",
     "DatasetError",
+    "DeepglobeDataModule",
     "EpisodeDataModule",
+    "FSS1000DataModule",
     "FolderEpisodeDataModule",
+    "ISIC2018DataModule",
+    "LVIS92iDataModule",
+    "LVISSource",
     "Pascal5iDataModule",
     "SegmentationSource",
     "SyntheticDataModule",
@@ -26,5 +40,6 @@ __all__ = [
     "default_support_min_pixels",
     "default_train_scales",
     "generate_synthetic_voc",
+    "read_threshold_mask",
     "render_semantic",
 ]

@@ -39,6 +39,9 @@ class EpisodeDataModule(pl.LightningDataModule):
     num_classes: int = 0
     num_folds: int = 4
     class_names: tuple[str, ...] = ()
+    test_only: bool = False
+    """A test set without training classes (cross-domain, transfer): ``base_classes`` is empty and
+    training episodes are refused; ``fold_novel_classes`` are the dataset's classes."""
 
     def __init__(
         self,
@@ -84,7 +87,8 @@ class EpisodeDataModule(pl.LightningDataModule):
                 "spec" (SPEC §5 episodes; keep aspect, scored at the original label size), "square480"
                 (the same episodes stretched to image_size squares and scored there) or "mmformer" (the
                 authors' sampler: every test image a query about equally often, class among all novel
-                classes present, scored at image_size squares).
+                classes present, scored at image_size squares); the benchmark protocols "hsnet_fss",
+                "patnet" and "lvis92i" are described in docs/benchmarks.md.
             train_scales: Shortest-edge scales of training resizes; default SPEC's 320..960 step 64
                 scaled by image_size / 480.
             train_episodes: Training episodes per epoch; default = number of training query images.
@@ -110,7 +114,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise DatasetError(f"image_size must be at least 8, got {image_size}")
         self.eval_protocol = get_protocol(protocol)
         for arg, value in (("test_episodes", test_episodes), ("val_episodes", val_episodes)):
-            if value < 1:
+            if value is not None and value < 1:  # None: the protocol's own count (e.g. FSS-1000)
                 raise DatasetError(f"{arg} must be at least 1, got {value}")
         if batch_size is not None and batch_size < 1:
             raise DatasetError(f"batch_size must be positive (or null for the model's), got {batch_size}")
@@ -164,6 +168,8 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     @property
     def base_classes(self) -> list[int]:
+        if self.test_only:
+            return []
         novel = set(self.novel_classes)
         return [c for c in range(1, self.num_classes + 1) if c not in novel]
 
@@ -219,9 +225,19 @@ class EpisodeDataModule(pl.LightningDataModule):
         return {i + 1: n for i, n in enumerate(self.class_names)}
 
     # ---- datasets ------------------------------------------------------------------------------
-    def train_dataset(self) -> TrainEpisodeDataset:
+    def train_pools(self) -> dict[int, list[str]]:
+        """Base-class pools of the training images, each checked to hold a query plus ``shot`` supports."""
         pools = self.pools("train", self.base_classes)
         check_pools(pools, self.shot, f"{self.name} fold {self.fold} training", self._names())
+        return pools
+
+    def train_dataset(self) -> TrainEpisodeDataset:
+        if self.test_only:
+            raise DatasetError(
+                f"{self.name} is test-only: models are trained on Pascal-5i or COCO-20i (or another "
+                "dataset with training classes) and tested here"
+            )
+        pools = self.train_pools()
         return TrainEpisodeDataset(
             self.source("train"),
             pools,
@@ -233,20 +249,20 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.train_episodes,
         )
 
+    def episode_count_and_seed(self, split: str) -> tuple[int, int]:
+        """(episodes, seed) of the "test" or "val" list."""
+        return (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
+
     def episode_list_file(self, split: str) -> Path:
         """The saved "test" or "val" episode list of this fold and protocol."""
-        num, seed = (
-            (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
-        )
+        num, seed = self.episode_count_and_seed(split)
         return episode_list_path(
             self.episode_list_dir, self.name, self.fold, split, num, seed, self.max_shot, self.eval_protocol
         )
 
     def episode_list(self, split: str) -> list[Episode]:
         """The saved "test" or "val" list of novel-class episodes on the test images (drawn once)."""
-        num, seed = (
-            (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
-        )
+        num, seed = self.episode_count_and_seed(split)
         pools = self.pools("test", self.novel_classes)
         if self.eval_protocol.draws == "spec":
             check_pools(pools, self.shot, f"{self.name} fold {self.fold} test", self._names())

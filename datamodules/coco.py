@@ -20,29 +20,18 @@ COCO_LAYOUT = """expected layout under the root:
   train{year}/<file_name>, val{year}/<file_name>     (file_name as in the JSON's "images")"""
 
 
+def annotation_rle(segmentation, h: int, w: int) -> dict:
+    """Compressed RLE of one annotation's polygon(s), uncompressed RLE or compressed RLE."""
+    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, h, w)
+    return segmentation
+
+
 def annotation_mask(segmentation, h: int, w: int) -> np.ndarray:
     """``[h, w]`` uint8 {0, 1} of one annotation's polygon(s), uncompressed RLE or compressed RLE."""
-    if isinstance(segmentation, list):  # polygons: one RLE per part, merged
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    else:
-        rle = segmentation
-    return mask_utils.decode(rle)
-
-
-def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarray:
-    """``[h, w]`` uint8 semantic label from ``(class index, iscrowd, segmentation)`` annotations.
-
-    Annotations are painted in order, so later instances overwrite earlier ones; crowd regions are
-    skipped (``crowd="skip"``) or painted 255 (``crowd="ignore"``).
-    """
-    label = np.zeros((h, w), dtype=np.uint8)
-    for c, iscrowd, segm in anns:
-        if iscrowd and crowd == "skip":
-            continue
-        label[annotation_mask(segm, h, w) > 0] = 255 if iscrowd else c
-    return label
+    return mask_utils.decode(annotation_rle(segmentation, h, w))
 
 
 IMAGE_FIELDS = (("file_name", str), ("height", int), ("width", int))
@@ -70,6 +59,61 @@ def _field(entry: object, key: str, kind: type | tuple[type, ...], where: str, w
     return value
 
 
+def read_instances_json(ann_file: Path, what: str = "COCO") -> dict:
+    """A COCO-style instance JSON (COCO, LVIS), checked to hold images, annotations and categories."""
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"invalid {what} annotation file {ann_file}: {e}") from e
+    missing = [
+        k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data
+    ]
+    if missing:
+        raise DatasetError(f"invalid {what} annotation file {ann_file}: missing keys {missing}")
+    return data
+
+
+def group_annotations(ann_file: Path, data: dict) -> dict[str, list[dict]]:
+    """str(image id) -> its annotations in file order (every listed image, possibly none).
+
+    Raises:
+        DatasetError: naming the file and the annotation: a missing or malformed field, an image or a
+            category the file does not list.
+    """
+    where = str(ann_file)
+    by_image: dict[str, list[dict]] = {
+        str(_field(im, "id", int, where, "image")): [] for im in data["images"]
+    }
+    categories = {_field(c, "id", int, where, "category") for c in data["categories"]}
+    for a in data["annotations"]:
+        key = str(_field(a, "image_id", int, where, "annotation"))
+        if key not in by_image:
+            raise DatasetError(f"{where}: annotation {a.get('id')} refers to unknown image {key}")
+        category = _field(a, "category_id", int, where, "annotation")
+        if category not in categories:
+            raise DatasetError(f"{where}: annotation {a.get('id')} has unknown category {category}")
+        segm = _field(a, "segmentation", (list, dict), where, "annotation")
+        if isinstance(segm, dict) and not {"size", "counts"} <= set(segm):
+            raise DatasetError(f"{where}: annotation {a.get('id')} has an RLE without 'size' and 'counts'")
+        by_image[key].append(a)
+    return by_image
+
+
+def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarray:
+    """``[h, w]`` uint8 semantic label from ``(class index, iscrowd, segmentation)`` annotations.
+
+    Annotations are painted in order, so later instances overwrite earlier ones; crowd regions are
+    skipped (``crowd="skip"``) or painted 255 (``crowd="ignore"``).
+    """
+    label = np.zeros((h, w), dtype=np.uint8)
+    for c, iscrowd, segm in anns:
+        if iscrowd and crowd == "skip":
+            continue
+        label[annotation_mask(segm, h, w) > 0] = 255 if iscrowd else c
+    return label
+
+
 class COCOSource(SegmentationSource):
     """One COCO split: its instance JSON is parsed once into per-image annotation lists."""
 
@@ -86,16 +130,7 @@ class COCOSource(SegmentationSource):
             raise DatasetError(f"annotation file not found: {self.ann_file}\n{COCO_LAYOUT.format(year=year)}")
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder not found: {self.image_dir}\n{COCO_LAYOUT.format(year=year)}")
-        try:
-            with open(self.ann_file) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: {e}") from e
-        missing = [
-            k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data
-        ]
-        if missing:
-            raise DatasetError(f"invalid COCO annotation file {self.ann_file}: missing keys {missing}")
+        data = read_instances_json(self.ann_file)
         where = str(self.ann_file)
         cat_ids = sorted(_field(c, "id", int, where, "category") for c in data["categories"])
         if len(cat_ids) != 80:
@@ -110,20 +145,10 @@ class COCOSource(SegmentationSource):
         for im in data["images"]:
             key = str(_field(im, "id", int, where, "image"))
             self.images[key] = tuple(_field(im, k, t, where, "image") for k, t in IMAGE_FIELDS)
-        self.anns: dict[str, list] = {i: [] for i in self.images}
-        for a in data["annotations"]:
-            key = str(_field(a, "image_id", int, where, "annotation"))
-            if key not in self.anns:
-                raise DatasetError(f"{where}: annotation {a.get('id')} refers to unknown image {key}")
-            category = _field(a, "category_id", int, where, "annotation")
-            if category not in rank:
-                raise DatasetError(f"{where}: annotation {a.get('id')} has unknown category {category}")
-            segm = _field(a, "segmentation", (list, dict), where, "annotation")
-            if isinstance(segm, dict) and not {"size", "counts"} <= set(segm):
-                raise DatasetError(
-                    f"{where}: annotation {a.get('id')} has an RLE without 'size' and 'counts'"
-                )
-            self.anns[key].append((rank[category], int(a.get("iscrowd", 0)), segm))
+        self.anns: dict[str, list] = {
+            key: [(rank[int(a["category_id"])], int(a.get("iscrowd", 0)), a["segmentation"]) for a in anns]
+            for key, anns in group_annotations(self.ann_file, data).items()
+        }
         self.ids = sorted(self.images, key=lambda i: (len(i), i))
         if not self.ids:
             raise DatasetError(f"{self.ann_file} lists no images")

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,6 +78,29 @@ def load_or_make_episode_list(
     return episodes
 
 
+class LabelValues(NamedTuple):
+    """Label values of an episode's class in its query and supports, and of the novel classes in the query."""
+
+    query: int
+    supports: list[int]
+    novel: list[int]
+
+
+def label_values(
+    source: SegmentationSource, query: str, support_ids: Sequence[str], class_id: int, novel: Sequence[int]
+) -> LabelValues | None:
+    """The :class:`LabelValues` of an episode on a source with image-local labels; None for global ones."""
+    mapping = source.label_classes(query)
+    if mapping is None:
+        return None
+    novel_set = set(novel)
+    return LabelValues(
+        source.class_value(query, class_id),
+        [source.class_value(s, class_id) for s in support_ids],
+        sorted(v for v, c in mapping.items() if c in novel_set),
+    )
+
+
 def episode_sample(
     q_img: np.ndarray,
     q_lab: np.ndarray,
@@ -87,21 +111,30 @@ def episode_sample(
     label_orig: np.ndarray,
     query_id: str,
     support_ids: Sequence[str],
+    values: LabelValues | None = None,
 ) -> dict:
     """One episode as the dict ``collate_episodes`` expects (the EpisodeBatch fields, unbatched).
 
     Images are ``[H, W, 3]`` uint8 and labels ``[H, W]`` uint8 after the transform; ``label_orig`` is
-    the semantic label used for scoring.
+    the semantic label used for scoring. ``values`` gives the label values of the class (and of the
+    novel classes) when labels are image-local; None = the values are the global class ids.
     """
+    if values is None:
+        values = LabelValues(class_id, [class_id] * len(supports), list(novel_classes))
     return {
         "query_image": normalize_image(q_img),
-        "query_mask": torch.from_numpy(binary_label(q_lab, class_id)),
+        "query_mask": torch.from_numpy(binary_label(q_lab, values.query)),
         "support_images": torch.stack([normalize_image(img) for img, _ in supports]),
-        "support_masks": torch.stack([torch.from_numpy(binary_label(lab, class_id)) for _, lab in supports]),
+        "support_masks": torch.stack(
+            [
+                torch.from_numpy(binary_label(lab, v))
+                for (_, lab), v in zip(supports, values.supports, strict=True)
+            ]
+        ),
         "class_id": class_id,
-        "query_semantic": torch.from_numpy(semantic_label(q_lab, novel_classes)),
+        "query_semantic": torch.from_numpy(semantic_label(q_lab, values.novel)),
         "query_valid_size": torch.tensor(valid_size),
-        "query_label_orig": torch.from_numpy(binary_label(label_orig, class_id)),
+        "query_label_orig": torch.from_numpy(binary_label(label_orig, values.query)),
         "query_id": query_id,
         "support_ids": list(support_ids),
     }
@@ -199,8 +232,9 @@ class TrainEpisodeDataset(Dataset):
         if not self.queries:
             raise DatasetError(f"no training image holds a base class {self.base_classes} with enough pixels")
         self.length = length or len(self.queries)
-        self._base_lut = np.zeros(256, dtype=bool)
-        self._base_lut[self.base_classes] = True
+        self._base_set = set(self.base_classes)
+        self._base_lut = np.zeros(256, dtype=bool)  # label value -> base class, for global-id labels
+        self._base_lut[[c for c in self.base_classes if c < 256]] = True
         self._perm: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -218,9 +252,15 @@ class TrainEpisodeDataset(Dataset):
         rng = np.random.default_rng([self.seed, p, index])
         q = self._query(p, index)
         image, label = self.source.load(q)
+        mapping = self.source.label_classes(q)
         lut = self._base_lut
+        if mapping is not None:  # image-local labels: which of this image's values are base classes
+            lut = np.zeros(256, dtype=bool)
+            lut[[v for v, g in mapping.items() if g in self._base_set]] = True
         q_img, q_lab = self.augment(image, label, rng, accept=lambda lab: bool(lut[lab].any()))
         present = [int(c) for c in np.unique(q_lab) if lut[c]]
+        if mapping is not None:
+            present = [mapping[v] for v in present]
         if not present:  # only after the fallback on a degenerate image: use a class the pools promise
             present = [c for c in self.base_classes if q in self.pools[c]]
         c = present[int(rng.integers(len(present)))]
@@ -231,14 +271,16 @@ class TrainEpisodeDataset(Dataset):
         need = self.support_min_pixels
         supports = []
         for sid in support_ids:
-            s_image, s_label = self.source.load(sid)
+            s_image, s_label = self.source.load(sid, c)
+            v = self.source.class_value(sid, c)
             supports.append(
                 self.augment(
-                    s_image, s_label, rng, accept=lambda lab, c=c: int(np.count_nonzero(lab == c)) >= need
+                    s_image, s_label, rng, accept=lambda lab, v=v: int(np.count_nonzero(lab == v)) >= need
                 )
             )
+        values = label_values(self.source, q, support_ids, c, self.novel_classes)
         return episode_sample(
-            q_img, q_lab, supports, c, self.novel_classes, q_lab.shape, q_lab, q, support_ids
+            q_img, q_lab, supports, c, self.novel_classes, q_lab.shape, q_lab, q, support_ids, values
         )
 
 
@@ -274,11 +316,14 @@ class ListEpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         q, c, support_ids = self.episodes[int(index)]
         support_ids = support_ids[: self.shot]
-        image, label = self.source.load(q)
+        image, label = self.source.load(q, c)
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
-        supports = [self.transform(*self.source.load(sid))[:2] for sid in support_ids]
-        return episode_sample(q_img, q_lab, supports, c, self.novel_classes, valid, orig, q, support_ids)
+        supports = [self.transform(*self.source.load(sid, c))[:2] for sid in support_ids]
+        values = label_values(self.source, q, support_ids, c, self.novel_classes)
+        return episode_sample(
+            q_img, q_lab, supports, c, self.novel_classes, valid, orig, q, support_ids, values
+        )
 
 
 def episode_list_path(

@@ -9,7 +9,8 @@ A protocol is a small object with two parts:
   label and supports to ``image_size x image_size`` and scores there.
 
 Adding a protocol (HSNet's, PFENet's, ...) is one subclass registered in :data:`PROTOCOLS`.
-``docs/data.md`` compares them and names the published numbers that used each.
+``docs/data.md`` compares them and names the published numbers that used each; ``docs/benchmarks.md``
+describes the benchmark protocols (``hsnet_fss``, ``patnet``, ``lvis92i``) and the code they follow.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .errors import DatasetError
 Episode = tuple[str, int, list[str]]
 """(query id, class id, support ids) of a listed episode."""
 
-ProtocolName = Literal["spec", "square480", "mmformer"]
+ProtocolName = Literal["spec", "square480", "mmformer", "hsnet_fss", "patnet", "lvis92i"]
 
 
 def _membership(pools: Mapping[int, Sequence[str]]) -> dict[str, list[int]]:
@@ -57,6 +58,8 @@ class EvalProtocol(ABC):
     score at the original label size)."""
     draws: ClassVar[str]
     """Name of the episode-drawing rule; protocols that draw alike share saved lists."""
+    published_size: ClassVar[int | None] = None
+    """The ``image_size`` the published numbers of this protocol were scored at (None: not fixed)."""
 
     def fingerprint(self, pools: Mapping[int, Sequence[str]], counts: Mapping[str, Mapping[int, int]]) -> str:
         """A hash of what :meth:`draw` reads: a saved list with another fingerprint is redrawn."""
@@ -115,6 +118,7 @@ class Square480Protocol(SpecProtocol):
 
     name = "square480"
     square = True
+    published_size = 480
 
 
 class MMFormerProtocol(EvalProtocol):
@@ -135,6 +139,7 @@ class MMFormerProtocol(EvalProtocol):
     name = "mmformer"
     square = True
     draws = "mmformer"
+    published_size = 480
 
     def fingerprint(self, pools, counts):
         novel = set(pools)
@@ -168,8 +173,101 @@ class MMFormerProtocol(EvalProtocol):
         return episodes
 
 
+def _supports_with_repeats(
+    rng: np.random.Generator, pool: Sequence[str], query: str, class_id: int, max_shot: int
+) -> list[str]:
+    """``max_shot`` supports drawn uniformly from ``pool`` without the query, repeats allowed (HSNet's
+    rejection loop draws from this same distribution)."""
+    candidates = [i for i in pool if i != query]
+    if not candidates:
+        raise DatasetError(
+            f"class {class_id} has no test image besides {query!r}: a support other than the query cannot be "
+            "drawn"
+        )
+    return [candidates[int(j)] for j in rng.integers(len(candidates), size=max_shot)]
+
+
+class HSNetFSSProtocol(EvalProtocol):
+    """HSNet's FSS-1000 test (juhongm999/hsnet ``data/fss.py``), scored at ``image_size`` squares (400).
+
+    * ``num`` equal to the number of test images (the default of :class:`~datamodules.fss.FSS1000DataModule`):
+      every test image is the query exactly once, classes in id order (alphabetical, as HSNet sorts
+      them), images in file-name order within a class (2,400 episodes on FSS-1000).
+    * any other ``num``: queries drawn uniformly over the test images (SPEC's query-uniform rule), for
+      a fixed episode count.
+    * Supports: uniform over the query's class pool without the query, repeats allowed.
+    """
+
+    name = "hsnet_fss"
+    square = True
+    draws = "hsnet_fss"
+    published_size = 400
+
+    def draw(self, pools, counts, num, max_shot, seed):
+        pairs = [(q, c) for c in sorted(pools) for q in pools[c]]
+        if not pairs:
+            raise _no_queries(pools)
+        rng = np.random.default_rng(seed)
+        if num != len(pairs):
+            membership = _membership(pools)
+            queries = sorted(membership)
+            pairs = []
+            for _ in range(num):
+                q = queries[int(rng.integers(len(queries)))]
+                pairs.append((q, membership[q][int(rng.integers(len(membership[q])))]))
+        return [(q, c, _supports_with_repeats(rng, pools[c], q, c, max_shot)) for q, c in pairs]
+
+
+class PATNetProtocol(EvalProtocol):
+    """PATNet's cross-domain test (slei109/PATNet ``data/deepglobe.py``, ``isic.py``, ``lung.py``).
+
+    Episode ``i``'s class is the ``i mod n``-th of the ``n`` classes (round robin, by class id); its query
+    is drawn uniformly from the class pool (queries may repeat); supports uniformly from the pool
+    without the query, repeats allowed. Scored at ``image_size`` squares (400 in PATNet; 600 episodes).
+    """
+
+    name = "patnet"
+    square = True
+    draws = "round_robin"
+    published_size = 400
+
+    def draw(self, pools, counts, num, max_shot, seed):
+        classes = sorted(pools)
+        if not classes:
+            raise _no_queries(pools)
+        short = [c for c in classes if len(pools[c]) < 2]
+        if short:
+            raise DatasetError(
+                f"classes {short} have fewer than 2 test images: a query and a different support are needed"
+            )
+        rng = np.random.default_rng(seed)
+        episodes: list[Episode] = []
+        for i in range(num):
+            c = classes[i % len(classes)]
+            q = pools[c][int(rng.integers(len(pools[c])))]
+            episodes.append((q, c, _supports_with_repeats(rng, pools[c], q, c, max_shot)))
+        return episodes
+
+
+class LVIS92iProtocol(PATNetProtocol):
+    """Matcher's LVIS-92i test (aim-uofa/Matcher ``matcher/data/lvis.py``): the :class:`PATNetProtocol`
+    round robin over the fold's classes (2,300 episodes = 25 per class), scored at ``image_size``
+    squares (518 in Matcher)."""
+
+    name = "lvis92i"
+    published_size = 518
+
+
 PROTOCOLS: dict[str, EvalProtocol] = {
-    p.name: p for p in (SpecProtocol(), Square480Protocol(), MMFormerProtocol())
+    p.name: p
+    for p in (
+        SpecProtocol(),
+        Square480Protocol(),
+        MMFormerProtocol(),
+        HSNetFSSProtocol(),
+        PATNetProtocol(),
+        LVIS92iProtocol(),
+    )
 }
 
 

@@ -16,7 +16,10 @@ from .cache import atomic_write_json, read_json
 from .errors import DatasetError
 
 ClassCounts = dict[str, dict[int, int]]
-"""image id -> {class id: pixel count} for every class (not background, not 255) in its label."""
+"""image id -> {class id: pixel count} for every class (not background, not 255) in its label.
+
+Sources that assign an image its class by where it is stored (one folder per class) list that class
+even when its mask is empty (count 0), so a pool threshold of 0 keeps every listed image."""
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -68,7 +71,14 @@ def class_pixel_counts(label: np.ndarray) -> dict[int, int]:
 
 
 class SegmentationSource(ABC):
-    """A list of images with semantic labels: 0 = background, 1..C = global class id, 255 = ignore."""
+    """A list of images with semantic labels: 0 = background, 1..C = global class id, 255 = ignore.
+
+    Datasets with more classes than a uint8 label holds (FSS-1000, LVIS) return *image-local* labels
+    instead: values 1..n of one image stand for the global classes given by :meth:`label_classes`.
+    Class counts, pools, training class choice and binary masks go through that mapping, so an
+    episode's ``class_id`` is always the global id; sources whose values are the global ids (VOC,
+    COCO, synthetic) keep the default (no mapping).
+    """
 
     num_classes: int
     ids: list[str]
@@ -85,9 +95,49 @@ class SegmentationSource(ABC):
     def fingerprint(self) -> str:
         """Changes whenever the labels may have changed (keys the class-count cache)."""
 
-    def load(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Image and label, checked to have the same size."""
-        image, label = self.load_image(image_id), self.load_label(image_id)
+    def label_classes(self, image_id: str) -> dict[int, int] | None:
+        """Image-local labels: label value -> global class id in ``image_id``'s label.
+
+        None (the default): the label values are the global class ids.
+        """
+        return None
+
+    def class_value(self, image_id: str, class_id: int) -> int:
+        """The label value of global class ``class_id`` in ``image_id``'s label."""
+        mapping = self.label_classes(image_id)
+        if mapping is None:
+            return class_id
+        for value, c in mapping.items():
+            if c == class_id:
+                return value
+        raise DatasetError(f"class {class_id} is not in the label of image {image_id!r}")
+
+    def load_class_label(self, image_id: str, class_id: int) -> np.ndarray:
+        """The label with every pixel of ``class_id`` kept (default: :meth:`load_label`).
+
+        Sources whose class masks overlap (LVIS) paint ``class_id`` last, so its mask is whole.
+        """
+        return self.load_label(image_id)
+
+    def image_class_counts(self, image_id: str) -> dict[int, int]:
+        """{global class id: pixel count} of one image (background and 255 left out)."""
+        counts = class_pixel_counts(self.load_label(image_id))
+        mapping = self.label_classes(image_id)
+        if mapping is None:
+            return counts
+        unknown = sorted(set(counts) - set(mapping))
+        if unknown:
+            raise DatasetError(f"label of image {image_id!r} holds values {unknown} with no class")
+        return {mapping[v]: n for v, n in counts.items()}
+
+    def load(self, image_id: str, class_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label, checked to have the same size.
+
+        ``class_id``: the episode class, whose pixels the label must keep whole
+        (:meth:`load_class_label`); None = :meth:`load_label`.
+        """
+        image = self.load_image(image_id)
+        label = self.load_label(image_id) if class_id is None else self.load_class_label(image_id, class_id)
         if image.shape[:2] != label.shape:
             raise DatasetError(
                 f"image {image_id!r} is {image.shape[1]}x{image.shape[0]} but its label is "
@@ -107,7 +157,7 @@ class SegmentationSource(ABC):
             return {k: {int(c): int(n) for c, n in v.items()} for k, v in cached["counts"].items()}
         counts: ClassCounts = {}
         for image_id in tqdm(self.ids, desc=desc, unit="img", mininterval=1.0, disable=len(self.ids) < 200):
-            counts[image_id] = class_pixel_counts(self.load_label(image_id))
+            counts[image_id] = self.image_class_counts(image_id)
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache_path, {"fingerprint": fp, "counts": counts})
         return counts

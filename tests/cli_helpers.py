@@ -46,3 +46,13 @@ def run_dir_args(out: Path, version: str | None = None) -> list[str]:
 
 STAGE1 = cfg("trainer.yaml", "data_synthetic.yaml", "stage1_pos_cpu_demo.yaml")
 STAGE2 = cfg("trainer.yaml", "data_synthetic.yaml", "stage2_mm_cpu_demo.yaml")
+
+# Benchmark data files (docs/benchmarks.md), run end to end by test_benchmark_configs.py.
+BENCHMARK_DATA = [
+    "data_fss1000.yaml",
+    "data_lvis92i.yaml",
+    "data_coco2pascal.yaml",
+    "data_deepglobe.yaml",
+    "data_isic2018.yaml",
+    "data_chestxray.yaml",
+]

@@ -39,7 +39,7 @@ def _voc(root: Path, tmp: Path, **kw) -> Pascal5iDataModule:
 def test_unknown_protocol_is_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"unknown evaluation protocol 'hsnet'.*mmformer"):
         Pascal5iDataModule(root=str(tmp_path), protocol="hsnet")
-    assert sorted(PROTOCOLS) == ["mmformer", "spec", "square480"]
+    assert sorted(PROTOCOLS) == ["hsnet_fss", "lvis92i", "mmformer", "patnet", "spec", "square480"]
 
 
 def test_mmformer_class_among_all_present_novel_classes(voc_root: Path, tmp_path: Path) -> None:
@@ -137,3 +137,30 @@ def test_square480_same_episodes_as_spec_scored_at_square(voc_root: Path, tmp_pa
     assert get_protocol("square480").square and not get_protocol("spec").square
     s, q = spec.eval_dataset("test")[0], square.eval_dataset("test")[0]
     assert tuple(q["query_label_orig"].shape) == (96, 96) and tuple(s["query_label_orig"].shape) == (72, 96)
+
+
+# ---- benchmark protocols (docs/benchmarks.md) on hand-made pools ---------------------------------
+POOLS = {3: ["a1", "a10", "a2"], 7: ["b1", "b2"], 9: ["c1", "c2", "c3", "c4"]}
+
+
+def test_hsnet_fss_every_image_once_or_a_fixed_uniform_count() -> None:
+    p = get_protocol("hsnet_fss")
+    assert p.square and p.published_size == 400
+    once = p.draw(POOLS, {}, 9, 5, seed=0)
+    assert [(q, c) for q, c, _ in once] == [(q, c) for c in (3, 7, 9) for q in POOLS[c]]
+    assert all(len(s) == 5 and q not in s and set(s) <= set(POOLS[c]) for q, c, s in once)
+    assert any(len(set(s)) < len(s) for _, _, s in once)  # repeats allowed (b: one candidate)
+    fixed = p.draw(POOLS, {}, 40, 1, seed=0)
+    assert len(fixed) == 40 and {q for q, _, _ in fixed} == {q for ids in POOLS.values() for q in ids}
+    assert p.draw(POOLS, {}, 40, 1, seed=0) == fixed != p.draw(POOLS, {}, 40, 1, seed=1)
+
+
+def test_patnet_and_lvis92i_round_robin() -> None:
+    for name, size in (("patnet", 400), ("lvis92i", 518)):
+        p = get_protocol(name)
+        assert p.square and p.published_size == size and p.draws == "round_robin"
+        episodes = p.draw(POOLS, {}, 30, 5, seed=0)
+        assert [c for _, c, _ in episodes] == [3, 7, 9] * 10
+        assert all(q in POOLS[c] and q not in s and set(s) <= set(POOLS[c]) for q, c, s in episodes)
+    with pytest.raises(DatasetError, match=r"classes \[7\] have fewer than 2 test images"):
+        get_protocol("patnet").draw({**POOLS, 7: ["b1"]}, {}, 6, 1, seed=0)

@@ -62,7 +62,10 @@ def merge_trained_on(previous: Mapping | None, data: Mapping | None) -> dict[str
         "dataset": data["dataset"],
         "fold": data["fold"],
         "classes": list(data["base_classes"]),
-        "class_names": dict(data.get("class_names", {})),
+        # Names of the trained classes only: across datasets the overlap is found by name.
+        "class_names": {
+            c: n for c, n in data.get("class_names", {}).items() if int(c) in set(data["base_classes"])
+        },
     }
     if not previous:
         return mine

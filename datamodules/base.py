@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from abc import abstractmethod
 from functools import cached_property
 from pathlib import Path
@@ -322,6 +323,19 @@ class EpisodeDataModule(pl.LightningDataModule):
         batch = self.train_batch_size
         world = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        optim = getattr(getattr(self.trainer, "lightning_module", None), "optim", None)
+        if (
+            self.batch_size is not None
+            and optim is not None
+            and batch * world * accumulate != optim.batch_size
+        ):
+            warnings.warn(
+                f"global batch = data batch_size {batch} x {world} process(es) x {accumulate} accumulated = "
+                f"{batch * world * accumulate} episodes per step, but the model's optim.batch_size is "
+                f"{optim.batch_size} (the paper's in the paper configs): leave data batch_size unset to "
+                "split the model's global batch over the processes",
+                stacklevel=2,
+            )
         # An epoch is len(train dataset) episodes over all processes, in whole optimisation steps.
         batches = max(1, len(self._train) // (batch * world * accumulate)) * accumulate
         sampler = TrainStepSampler(batch, batches, self._train_position)

@@ -29,7 +29,14 @@ PARSE_ONLY = {
         "trainer_gpu.yaml",
         "data_synthetic.yaml",
         "stage1_pos_cpu_demo.yaml",
-    ]
+    ],
+    "trainer_ddp.yaml": [
+        "trainer.yaml",
+        "trainer_gpu.yaml",
+        "trainer_ddp.yaml",
+        "data_pascal.yaml",
+        "stage1_pos.yaml",
+    ],
 }
 SMALL = [
     "--data.init_args.image_size=64",
@@ -121,6 +128,8 @@ def test_parse_only_configs(name: str, capsys: pytest.CaptureFixture) -> None:
     assert "class_path" in printed
     if name == "trainer_gpu.yaml":
         assert "bf16-mixed" in printed
+    if name == "trainer_ddp.yaml":
+        assert "strategy: ddp" in printed and "devices: -1" in printed
 
 
 def test_no_wandb_mode_in_any_yaml() -> None:

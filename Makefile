@@ -92,6 +92,10 @@ benchmark: ## Data throughput and model speed tables on this machine
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/model_speed.py
 
+.PHONY: gpu-check
+gpu-check: ## On a CUDA machine: step time / memory per precision, inference, deformable attention, a CLI run
+	$(PY) benchmarks/gpu_check.py --out gpu_check.md
+
 .PHONY: sweep
 sweep: ## Register a W&B sweep from SWEEP=lightning_configs/sweeps/<file>.yaml (prints its id)
 	$(VENV)/bin/wandb sweep $(SWEEP)

@@ -16,6 +16,7 @@ demo sizes are read from ``lightning_configs/stage{1_pos,2_mm}_cpu_demo.yaml``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
 import statistics
@@ -97,22 +98,38 @@ def _split_shots(feats: dict[str, torch.Tensor], shot: int) -> list[dict[str, to
     return [{k: v.view(shot, -1, *v.shape[1:])[i] for k, v in feats.items()} for i in range(shot)]
 
 
-def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.device) -> Callable[[], object]:
-    """A closure running one benchmark row; modules and inputs are built outside the timed region."""
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of a Lightning ``precision`` ("32-true", "bf16-mixed", "16-mixed")."""
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _row_fn(
+    cfg: ModelConfig, size: int, batch: int, what: str, device: torch.device, precision: str = "32-true"
+) -> Callable[[], object]:
+    """A closure running one benchmark row; modules and inputs are built outside the timed region.
+
+    ``precision`` wraps the forward passes in autocast as Lightning's precision plugin does (with a
+    gradient scaler for ``16-mixed``).
+    """
     torch.manual_seed(0)
+    amp = lambda: autocast(device, precision)  # noqa: E731 (a fresh context per use)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     shot = 5 if "5-shot" in what else 1
     # Stage-1 rows use the POSModule's pieces, stage-2 rows the MMModule's (which holds its own POS).
-    module = cfg.mm_module() if what.startswith(("MM", "stage-2")) else cfg.pos_module()
+    module = cfg.mm_module() if what.startswith(("MM", "stage-2", "episode")) else cfg.pos_module()
     backbone = freeze(module.backbone.to(device))
     pos = module.pos.to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     if what == "backbone fwd":
-        return lambda: _no_grad(backbone, images)
+        return lambda: _no_grad(backbone, images, amp=amp)
 
     if what == "POS fwd":
         with torch.no_grad():
             q_feats = backbone(images)
-        return lambda: _no_grad(pos, q_feats)
+        return lambda: _no_grad(pos, q_feats, amp=amp)
 
     query_mask = (torch.rand(batch, size, size, device=device) > 0.5).long()
     if what == "stage-1 train step":
@@ -122,12 +139,14 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
         targets = [semantic_to_targets(s) for s in semantic]
 
         def step1() -> None:
-            with torch.no_grad():  # the backbone is frozen in both stages
-                feats = backbone(images)
-            losses = crit(pos(feats), targets, query_mask)
+            with amp():
+                with torch.no_grad():  # the backbone is frozen in both stages
+                    feats = backbone(images)
+                losses = crit(pos(feats), targets, query_mask)
             opt.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt.step()
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(opt)
+            scaler.update()
 
         return step1
 
@@ -135,32 +154,45 @@ def _row_fn(cfg: ModelConfig, size: int, batch: int, what: str, device: torch.de
     mm = module.mm.to(device)
     supports = torch.randn(shot * batch, 3, size, size, device=device)
     support_masks = (torch.rand(batch, shot, size, size, device=device) > 0.5).long()
+    if what.startswith("episode fwd"):  # a whole test episode: backbone on query and supports, POS, MM
+
+        def episode() -> object:
+            qf = backbone(images)
+            sf = _split_shots(backbone(supports), shot)
+            lg = pos(qf)["pred_masks"]
+            return mm(qf, sf, support_masks, lg.float(), image_size=(size, size))
+
+        return lambda: _no_grad(episode, amp=amp)
     if what.startswith("MM fwd"):
         with torch.no_grad():
             q_feats = backbone(images)
             s_feats = _split_shots(backbone(supports), shot)
             logits = pos(q_feats)["pred_masks"]
-        return lambda: _no_grad(lambda: mm(q_feats, s_feats, support_masks, logits, image_size=(size, size)))
+        return lambda: _no_grad(
+            lambda: mm(q_feats, s_feats, support_masks, logits, image_size=(size, size)), amp=amp
+        )
     if what.startswith("stage-2 train step"):
         crit2 = module.criterion
         opt2 = torch.optim.AdamW(mm.parameters(), lr=1e-4)
 
         def step2() -> None:
-            with torch.no_grad():
-                qf = backbone(images)
-                sf = _split_shots(backbone(supports), shot)
-                lg = pos(qf)["pred_masks"]
-            losses = crit2(mm(qf, sf, support_masks, lg, image_size=(size, size)), query_mask)
+            with amp():
+                with torch.no_grad():
+                    qf = backbone(images)
+                    sf = _split_shots(backbone(supports), shot)
+                    lg = pos(qf)["pred_masks"]
+                losses = crit2(mm(qf, sf, support_masks, lg.float(), image_size=(size, size)), query_mask)
             opt2.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            opt2.step()
+            scaler.scale(sum(losses.values())).backward()
+            scaler.step(opt2)
+            scaler.update()
 
         return step2
     raise ValueError(what)
 
 
-def _no_grad(fn: Callable, *args: object) -> object:
-    with torch.no_grad():
+def _no_grad(fn: Callable, *args: object, amp: Callable = contextlib.nullcontext) -> object:
+    with torch.no_grad(), amp():
         return fn(*args)
 
 

@@ -98,3 +98,13 @@ def stage2_ckpt(synthetic_root: Path, stage1_ckpt: Path, tmp_path_factory: pytes
     finally:
         mp.undo()
     return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests are skipped, with the reason, where no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -187,7 +187,7 @@ def test_runs_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [(torch.float32, torch.float32, torch.float32)]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", [None, *IMPLEMENTATIONS])
 def test_core_on_gpu_matches_cpu(impl: str | None) -> None:
     value, shapes, loc, weights = _random_inputs()

@@ -117,3 +117,11 @@ def test_resolve_max_steps() -> None:
     _T.estimated_stepping_batches = float("inf")
     with pytest.raises(ValueError, match="max_steps"):
         resolve_max_steps(None, _T())
+
+
+def test_backbone_weights_null_from_the_command_line_is_none() -> None:
+    from fewshot_seg.config import BackboneConfig
+
+    # jsonargparse passes `--model.init_args.backbone.weights=null` as the string "None".
+    assert BackboneConfig(weights="None").weights is None and BackboneConfig(weights="null").weights is None
+    assert BackboneConfig(weights="imagenet").weights == "imagenet"

@@ -43,6 +43,11 @@ class BackboneConfig:
     frozen_bn: bool | None = None
     lr_mult: float = 0.1
 
+    def __post_init__(self) -> None:
+        # jsonargparse 4.53 turns `--model.init_args.backbone.weights=null` into the string "None".
+        if isinstance(self.weights, str) and self.weights.strip().lower() in ("none", "null", ""):
+            object.__setattr__(self, "weights", None)
+
     @property
     def uses_frozen_bn(self) -> bool:
         return self.freeze if self.frozen_bn is None else self.frozen_bn

@@ -1,0 +1,228 @@
+"""One command for a CUDA machine: speed, memory and correctness of the paper-size model on the GPU.
+
+    python benchmarks/gpu_check.py [--out gpu_check.md]     # make gpu-check; about 5 minutes on one H100/H200
+    python benchmarks/gpu_check.py --smoke                  # the same code paths, tiny, on CPU, < 1 minute
+
+Prints and writes (``--out``) four tables:
+
+1. paper-size stage-1 (batch 8) and stage-2 (batch 4, 1-shot) training step: median time and peak GPU
+   memory for ``32-true``, ``bf16-mixed`` and ``16-mixed`` (autocast + gradient scaler, as Lightning);
+2. inference episodes/s (the MM forward with backbone and POS), 1-shot and 5-shot, batch 1 and 8, 480 x 480;
+3. every deformable-attention implementation: forward and forward+backward time, and its largest
+   difference from the per-level loop (values, sampling-location and attention-weight gradients);
+4. a 50-step real ``fewshot-seg fit`` (stage 1) + ``fit`` (stage 2) + ``test`` through the CLI with
+   ``trainer_gpu.yaml`` on a small VOC-layout stand-in written by ``benchmarks/make_standin.py``: finite
+   losses, checkpoints written, ``results.json``.
+
+``--smoke`` runs all of it with the demo-size model at 64 x 64, 2 steps, on CPU (no ``16-mixed``):
+the test suite runs it so the script stays correct on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import DEMO, PAPER, _row_fn, _time, deform_attn_rows
+
+from fewshot_seg import config_dir
+from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_step_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    cfg, size = (DEMO, 64) if smoke else (PAPER, 480)
+    precisions = ["32-true", "bf16-mixed"] + ([] if device.type == "cpu" else ["16-mixed"])
+    rows = ["| step | batch | precision | time (ms) | peak GPU memory (MiB) |", "|---|---:|---|---:|---:|"]
+    for what, batch in (("stage-1 train step", 8), ("stage-2 train step 1-shot", 4)):
+        for precision in precisions:
+            fn = _row_fn(cfg, size, 2 if smoke else batch, what, device, precision)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            seconds = _time(fn, repeats, device)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            rows.append(f"| {what} | {batch} | {precision} | {seconds * 1e3:.1f} | {peak:.0f} |")
+            del fn
+    return rows
+
+
+def inference_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    cfg, size = (DEMO, 64) if smoke else (PAPER, 480)
+    rows = ["| shot | batch | precision | episodes/s |", "|---:|---:|---|---:|"]
+    for shot in (1, 5):
+        for batch in (1,) if smoke else (1, 8):
+            for precision in ("32-true", "bf16-mixed"):
+                fn = _row_fn(cfg, size, batch, f"episode fwd {shot}-shot", device, precision)
+                seconds = _time(fn, repeats, device)
+                rows.append(f"| {shot} | {batch} | {precision} | {batch / seconds:.1f} |")
+    return rows
+
+
+def deform_attn_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    size = 64 if smoke else 480
+    rows = [
+        f"default on {device.type}: {default_impl(device)}",
+        "",
+        "| batch | implementation | fwd (ms) | fwd+bwd (ms) | max abs diff vs loop (out / grads) |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for batch in (2,) if smoke else (2, 8):
+        diffs = _agreement(device, batch, size)
+        for impl, fwd, fwd_bwd in deform_attn_rows(repeats, device, batch, size):
+            rows.append(f"| {batch} | {impl} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | {diffs[impl]} |")
+    return rows
+
+
+def _agreement(device: torch.device, batch: int, size: int) -> dict[str, str]:
+    """Max abs difference of each implementation's output and gradients from the per-level loop."""
+    torch.manual_seed(0)
+    shapes = [(size // s, size // s) for s in (32, 16, 8)]
+    tokens = sum(h * w for h, w in shapes)
+    inputs = [
+        torch.randn(batch, tokens, 8, 32, device=device),
+        torch.rand(batch, tokens, 8, 3, 4, 2, device=device),
+        torch.rand(batch, tokens, 8, 3, 4, device=device).softmax(-1),
+    ]
+    upstream = torch.randn(batch, tokens, 8 * 32, device=device)
+    results = {}
+    for impl in IMPLEMENTATIONS:
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = ms_deform_attn_core(leaves[0], shapes, leaves[1], leaves[2], impl=impl)
+        (out * upstream).sum().backward()
+        results[impl] = [out.detach(), *(t.grad for t in leaves)]
+    ref = results["loop"]
+    return {
+        impl: " / ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(res, ref))
+        for impl, res in results.items()
+    }
+
+
+def cli_table(device: torch.device, smoke: bool, work: Path) -> list[str]:
+    """stage-1 fit, stage-2 fit, test through the real CLI on a VOC-layout stand-in."""
+    voc = work / "standin" / "voc"
+    if not voc.exists():
+        scale = "0.005" if smoke else "0.02"
+        make = [sys.executable, str(REPO / "benchmarks" / "make_standin.py"), "--out", str(work / "standin")]
+        distinct = ["--distinct", "20"] if smoke else []  # hard links to a few renders: seconds, not minutes
+        subprocess.run([*make, "--only", "voc", "--scale", scale, *distinct], check=True)
+    steps = 2 if smoke else 50
+    configs = ["trainer.yaml"] + ([] if device.type == "cpu" else ["trainer_gpu.yaml"])
+    common = [arg for c in [*configs, "data_pascal.yaml"] for arg in ("-c", str(config_dir() / c))] + [
+        f"--data.init_args.root={voc}",
+        f"--data.init_args.image_size={64 if smoke else 480}",
+        "--data.init_args.num_workers=2" if smoke else "--data.init_args.num_workers=8",
+        "--data.init_args.val_episodes=4" if smoke else "--data.init_args.val_episodes=40",
+        "--data.init_args.test_episodes=8" if smoke else "--data.init_args.test_episodes=200",
+        "--data.init_args.pool_min_pixels=50" if smoke else "--data.init_args.pool_min_pixels=2048",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}",
+        f"--trainer.default_root_dir={work}",
+        f"--trainer.logger.init_args.save_dir={work}",
+    ]
+    stage1 = "stage1_pos_cpu_demo.yaml" if smoke else "stage1_pos.yaml"
+    stage2 = "stage2_mm_cpu_demo.yaml" if smoke else "stage2_mm.yaml"
+    no_imagenet = ["--model.init_args.backbone.weights=null"]  # no download on an offline machine
+    cli = [sys.executable, "-m", "fewshot_seg.cli"]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    rows = ["| run | wall (s) | exit | what it wrote |", "|---|---:|---:|---|"]
+
+    def run(name: str, args: list[str], expect: Path) -> None:
+        start = time.perf_counter()
+        proc = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - start
+        (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        wrote = str(expect) if expect.exists() else f"MISSING {expect} (see {work / name}.log)"
+        rows.append(f"| {name} | {wall:.1f} | {proc.returncode} | {wrote} |")
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed; last output:\n{(proc.stdout + proc.stderr)[-3000:]}")
+
+    s1 = work / "fewshot-seg" / "s1" / "checkpoints" / "last.ckpt"
+    args1 = [*common, "-c", str(config_dir() / stage1), "--trainer.logger.init_args.version=s1"]
+    run(
+        "stage-1 fit",
+        ["fit", *args1, *no_imagenet, *(["--model.init_args.loss.num_points=256"] if smoke else [])],
+        s1,
+    )
+    _finite_losses(s1, rows)
+    s2 = work / "fewshot-seg" / "s2" / "checkpoints" / "last.ckpt"
+    args2 = [*common, "-c", str(config_dir() / stage2), f"--model.init_args.stage1_checkpoint={s1}"]
+    run("stage-2 fit", ["fit", *args2, "--trainer.logger.init_args.version=s2"], s2)
+    _finite_losses(s2, rows)
+    results = work / "fewshot-seg" / "t" / "results.json"
+    run("test", ["test", *args2, "--trainer.logger.init_args.version=t", f"--ckpt_path={s2}"], results)
+    res = json.loads(results.read_text())
+    rows.append(
+        f"| test results | | | mIoU {res['miou']:.2f}, oracle {res['oracle_miou']:.2f} ({res['protocol']}) |"
+    )
+    return rows
+
+
+def _finite_losses(ckpt: Path, rows: list[str]) -> None:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"non-finite weights in {ckpt}: {bad[:5]}")
+    rows.append(f"| weights of {ckpt.parent.parent.name} | | | all finite ({len(state)} tensors) |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (what the test suite runs)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.md"), help="where the tables are written")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per row (default 5; smoke 1)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="stand-in data and CLI runs (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+    else:
+        parser.error("no CUDA device: run on a GPU machine, or use --smoke for the CPU code-path check")
+    repeats = args.repeats or (1 if args.smoke else 5)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    header = [
+        f"# gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"median of {repeats} timed runs after a warm-up; "
+        f"model {'demo at 64 px' if args.smoke else 'paper at 480'}",
+    ]
+    sections = [
+        ("Training step", train_step_table),
+        ("Inference (backbone + POS + Mask Matching)", inference_table),
+        ("Deformable attention", deform_attn_table),
+    ]
+    out: list[str] = header
+    start = time.perf_counter()
+    for title, table in sections:
+        rows = table(device, args.smoke, repeats)
+        out += ["", f"## {title}", "", *rows]
+        print("\n".join(out[-len(rows) - 3 :]), flush=True)
+    rows = cli_table(device, args.smoke, work)
+    out += ["", "## fewshot-seg fit + fit + test through the CLI", "", *rows]
+    print("\n".join(out[-len(rows) - 3 :]))
+    out += ["", f"total {time.perf_counter() - start:.0f} s"]
+    args.out.write_text("\n".join(out) + "\n")
+    print(f"\ntables written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

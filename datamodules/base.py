@@ -361,23 +361,27 @@ DEFAULT_BATCH_SIZE = 8
 
 
 def resolve_batch_size(trainer: pl.Trainer | None) -> int:
-    """The model's global batch (``optim.batch_size``) divided by the number of processes.
+    """The model's global batch (``optim.batch_size``) divided by processes x accumulated batches.
+
+    So an optimisation step holds the global batch whatever ``--trainer.devices``, ``--trainer.num_nodes``
+    and ``--trainer.accumulate_grad_batches`` are.
 
     Raises:
-        DatasetError: the processes cannot share the global batch evenly (the message names both).
+        DatasetError: the global batch cannot be split evenly (the message names both numbers).
     """
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     optim = getattr(module, "optim", None)
     if optim is None:
         return DEFAULT_BATCH_SIZE
     world = max(1, int(trainer.world_size))
-    if optim.batch_size % world:
+    accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
+    if optim.batch_size % (world * accumulate):
         raise DatasetError(
             f"the model's global batch optim.batch_size={optim.batch_size} cannot be split over {world} "
-            "processes: set --model.init_args.optim.batch_size to a multiple of the process count, or "
-            "--data.init_args.batch_size (per process) explicitly"
+            f"process(es) x {accumulate} accumulated batch(es): set --model.init_args.optim.batch_size to a "
+            "multiple of their product, or --data.init_args.batch_size (per process) explicitly"
         )
-    return optim.batch_size // world
+    return optim.batch_size // (world * accumulate)
 
 
 def _unpadded_shard_sampler(dataset: Dataset) -> Sampler | None:

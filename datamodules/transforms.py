@@ -1,7 +1,7 @@
 """Albumentations pipelines for training and test episodes, and conversion to model tensors.
 
 Every random decision comes from a ``numpy.random.Generator`` handed in by the caller (derived from
-``(seed, epoch, index)``), so an episode is the same whichever worker process builds it.
+``(seed, pass, index)`` of the episode key), so an episode is the same whichever worker process builds it.
 """
 
 from __future__ import annotations

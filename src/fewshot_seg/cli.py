@@ -229,8 +229,10 @@ def _model_class(cfg: Any) -> type | None:
 
 def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); returns the CLI object (tests)."""
-    # Offline unless the environment chooses (WANDB_MODE=online/disabled); never fixed in YAML.
-    os.environ.setdefault("WANDB_MODE", "offline")
+    # Offline unless the environment chooses (WANDB_MODE=online/disabled); never fixed in YAML. A W&B
+    # sweep agent's runs (WANDB_SWEEP_ID set) must report to the sweep, so they keep wandb's own default.
+    if "WANDB_SWEEP_ID" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
     _quiet_known_warnings()
     try:
         return _make_cli(args, run)

@@ -144,8 +144,8 @@ class OptimizerConfig:
         max_steps: schedule length; None = the Trainer's ``max_steps`` (or its estimate).
         batch_size: episodes per optimisation step over all processes (global batch): 8 in stage 1,
             4 in stage 2 (paper). An episode DataModule whose ``batch_size`` is unset loads
-            ``batch_size / (devices x nodes)`` episodes per process, so the global batch is the
-            paper's on any number of GPUs.
+            ``batch_size / (devices x nodes x accumulate_grad_batches)`` episodes per batch, so a step
+            holds the paper's global batch on any number of GPUs.
     """
 
     lr: float = 1e-4

@@ -31,8 +31,9 @@ class EpisodeBatch:
         query_valid_size: ``[B, 2]`` int64 (h, w): the extent of real image content inside the
             (possibly padded) ``H x W`` query tensor, top-left aligned. Predictions are cropped to it
             before being resized to the original label size.
-        query_label_orig: B tensors ``[h_i, w_i]`` int64 in {0, 1, 255}: the binary query label at
-            the original image size, untouched by any transform (scoring, SPEC §6).
+        query_label_orig: B tensors ``[h_i, w_i]`` int64 in {0, 1, 255}: the binary query label the
+            evaluation protocol scores (SPEC §6): at the original image size, untouched by any transform,
+            or (square protocols such as ``square480`` / ``mmformer``) resized to the model input.
         query_id: B image ids of the queries.
         support_ids: B lists of K image ids of the supports.
     """

@@ -219,8 +219,9 @@ class EpisodeModule(pl.LightningModule):
             prefix = "" if name == "model" else f"{name}_"
             flat[f"{split}/{prefix}miou"] = res["miou"].float()
             flat[f"{split}/{prefix}fbiou"] = res["fbiou"].float()
-        # Already reduced across processes by torchmetrics: no second reduction.
-        self.log_dict(flat, prog_bar=True, sync_dist=False)
+        # Reduced across processes by torchmetrics already: every rank holds the same values, whose
+        # mean (sync_dist) is that value; asking for it keeps Lightning from warning under DDP.
+        self.log_dict(flat, prog_bar=True, sync_dist=True)
         return results
 
     def on_validation_epoch_end(self) -> None:

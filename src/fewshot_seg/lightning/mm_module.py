@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -152,7 +153,9 @@ class MMModule(EpisodeModule):
         backbone, pos = resolve_architecture(backbone, pos, ckpt, path)
         # Recorded in the hyper-parameters (hence in stage-2 checkpoints): --ckpt_path and
         # load_from_checkpoint rebuild the same shapes without the stage-1 file.
-        self.hparams.update(backbone=backbone, pos=pos)
+        # Its weights come from the checkpoint: a model rebuilt from these hyper-parameters (test,
+        # predict) must not try to fetch ImageNet weights that --ckpt_path replaces anyway.
+        self.hparams.update(backbone=replace(backbone, weights=None) if path else backbone, pos=pos)
         self._hparams_as_dicts()
         self.frozen_modules = ("backbone", "pos")
         self._build_backbone_and_pos(backbone, pos, None if path else backbone.weights, frozen_bn=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,16 @@ DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
     "coco": ("data_coco.yaml", "stage1_pos.yaml", "stage2_mm.yaml", (60_000, 20_000)),  # SPEC §4
 }
 PROJECT = "fewshot-seg"  # the W&B project / logger name of trainer.yaml
+# Under SLURM or torchrun one copy of this driver may run per task; only global rank 0 writes its files.
+RANK_ZERO = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temporary file renamed into place), from global rank 0 only."""
+    if RANK_ZERO:
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _config_args(folder: Path, *names: str) -> list[str]:
@@ -73,8 +84,10 @@ class Stage:
         """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a checkpoint."""
         return ["--ckpt_path=last"] if (self.folder / "checkpoints" / "last.ckpt").exists() else []
 
-    def finish(self, **record: str) -> None:
-        self.done_file.write_text(json.dumps(record, indent=2) + "\n")
+    def finish(self, best: Path) -> Path:
+        """Mark the stage done (its best checkpoint recorded); returns that checkpoint."""
+        _write(self.done_file, json.dumps({"best": str(best)}, indent=2) + "\n")
+        return best
 
 
 def best_checkpoint(stage: Stage) -> Path:
@@ -153,39 +166,31 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     stage1 = Stage(run_dir, f"{name}-stage1")
     if stage1.done is None:
-        _run(
-            [
-                *cli,
-                "fit",
-                *stage_args(stage1_cfg, stage1, args.shots[0], steps and steps[0]),
-                *stage1.resume_args(),
-            ]
-        )
-        stage1.finish(best=str(best_checkpoint(stage1)))
-    stage1_ckpt = Path(stage1.done["best"])
+        fit1 = stage_args(stage1_cfg, stage1, args.shots[0], steps and steps[0])
+        _run([*cli, "fit", *fit1, *stage1.resume_args()])
+        stage1_ckpt = stage1.finish(best_checkpoint(stage1))
+    else:
+        stage1_ckpt = Path(stage1.done["best"])
 
     out = run_dir
     for shot in args.shots:
         stage2 = Stage(run_dir, f"{name}-stage2-{shot}shot")
         from_stage1 = [f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
         if stage2.done is None:
-            fit = stage_args(stage2_cfg, stage2, shot, steps and steps[1])
-            _run([*cli, "fit", *fit, *from_stage1, *stage2.resume_args()])
-            stage2.finish(best=str(best_checkpoint(stage2)))
-        stage2_ckpt = Path(stage2.done["best"])
+            fit2 = stage_args(stage2_cfg, stage2, shot, steps and steps[1])
+            _run([*cli, "fit", *fit2, *from_stage1, *stage2.resume_args()])
+            stage2_ckpt = stage2.finish(best_checkpoint(stage2))
+        else:
+            stage2_ckpt = Path(stage2.done["best"])
 
         test = Stage(run_dir, f"{name}-test-{shot}shot")
         results = test.folder / "results.json"
-        if not results.exists() or results.stat().st_mtime < stage2.done_file.stat().st_mtime:
-            _run(
-                [
-                    *cli,
-                    "test",
-                    *stage_args(stage2_cfg, test, shot, None),
-                    *from_stage1,
-                    f"--ckpt_path={stage2_ckpt}",
-                ]
-            )
+        done2 = stage2.done_file.stat().st_mtime if stage2.done_file.exists() else float("inf")
+        if not results.exists() or results.stat().st_mtime < done2:
+            test_args = stage_args(stage2_cfg, test, shot, None)
+            _run([*cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
+        if not RANK_ZERO:
+            continue  # global rank 0 summarises
         if not results.exists():
             raise SystemExit(f"the test run wrote no results.json under {test.folder}")
 
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
             test_results=str(results),
         )
         out = run_dir / summary_name(shot)
-        out.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _write(out, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print("\n" + format_class_table(summary))
         print(out)
     return out

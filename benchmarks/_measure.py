@@ -56,6 +56,12 @@ def smaps_rollup(pid: int | str = "self") -> dict[str, float]:
     }
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time of a process (all its threads) so far, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -8,19 +8,28 @@ stand-in of ``benchmarks/make_standin.py`` at any ``--scale``. Every figure come
 
 Loader: ``dm.train_dataloader()`` at image_size 480, batch_size 4, fold 0, K = ``--shots``,
 ``num_workers`` = ``--workers``. The first max(1, w) batches (one per worker: start-up) are not timed;
-then ``--episodes`` episodes are timed; median of ``--repeats``. Per worker = episodes/s divided by w
-(w = 0: the main process counts as one worker). Class pools come from the class-count cache in
-``--cache-dir`` (default: the DataModule's, ``<root>/<dataset>/fewshot_cache``), built once if missing
-and not timed.
+then ``--episodes`` episodes are timed. Per worker = episodes/s divided by w (w = 0: the main process
+counts as one worker). Class pools come from the class-count cache in ``--cache-dir`` (default: the
+DataModule's, ``<root>/<dataset>/fewshot_cache``), built once if missing and not timed
+(``train_dataloader()`` also draws the val episode list: ``setup("fit")``).
 
-Limit: the images the loader just used (queries and supports of the timed batches, each once, at most
-``--limit-images``), in one process: decode (JPEG with PIL; VOC label PNG with PIL, COCO label rendered
-from the instance JSON with pycocotools) and the training pipeline's ops applied once per image
-(shortest-edge resize to a random scale of ``default_train_scales(480)``, TrainAugment's colour jitter,
-h-flip, a 480 crop with padding, normalisation to float CHW), no sampling logic (no crop re-draws,
-no support re-augmentation, no episode assembly, no worker transfer). Written here, not imported, so
-it does not share the code paths being measured. Limit episodes/s for K shots = images/s / (K + 1);
-ratio = loader per worker / limit.
+Limit: in this one process, decode (JPEG with PIL; VOC label PNG with PIL, COCO label rendered from the
+instance JSON with pycocotools) and the training pipeline's ops applied once per image (shortest-edge
+resize to a random scale of ``default_train_scales(480)``, TrainAugment's colour jitter, h-flip, a 480
+crop with padding, normalisation to float CHW); no sampling logic (no crop re-draws, no support
+re-augmentation, no episode assembly, no worker transfer). Written here, not imported, so it does not
+share the code paths being measured. Its images: a fixed random sample (``--limit-images``) of the
+images the loader draws from (the union of the fold's base-class pools). Limit episodes/s for K shots
+= images/s / (K + 1); ratio = loader per worker / limit.
+
+Side by side: every repeat times a loader window, shuts its workers down, then times a limit window
+of ``--limit-window`` images right after it, so each ratio compares two figures taken under the same
+load of a shared machine; a row gives the medians over ``--repeats``. Rates are also given per
+CPU-second of the main process and its workers (all threads, ``/proc/<pid>/stat``).
+
+On a busy 2-core machine, torch's default 2 intra-op threads make ``num_workers=0`` (episodes built and
+collated in the main process) several times slower (threads waiting on each other while the other core
+is taken); ``--torch-threads 1`` removes that effect from the comparison (workers always use 1 thread).
 """
 
 from __future__ import annotations
@@ -30,12 +39,24 @@ import copy
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import albumentations as A
 import cv2
 import numpy as np
-from _measure import Timer, host_line, markdown_table, median, quiet_warnings, standin_scale
+import torch
+from _measure import (
+    Timer,
+    child_pids,
+    cmdline,
+    cpu_seconds,
+    host_line,
+    markdown_table,
+    median,
+    quiet_warnings,
+    standin_scale,
+)
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -63,25 +84,35 @@ def make_dm(dataset: str, root: Path, shot: int, workers: int, cache_dir: str | 
     return Coco20iDataModule(root=str(root / "coco"), year=2014, **kw)
 
 
-def loader_rate(dm, workers: int, episodes: int, repeats: int, seen: list[str]) -> float:
-    """Median episodes/s of ``dm``'s training loader; appends the ids it used to ``seen``."""
+def loader_cpu() -> float:
+    """CPU seconds so far of this process and its children (the loader's workers)."""
+    return cpu_seconds() + sum(cpu_seconds(p) for p in worker_pids())
+
+
+def worker_pids() -> list[int]:
+    return [p for p in child_pids() if "resource_tracker" not in cmdline(p)]
+
+
+def loader_window(dm, workers: int, episodes: int) -> tuple[float, float]:
+    """Episodes/s and episodes per CPU-second (main + workers) of a fresh training loader of ``dm``;
+    its workers are shut down before returning."""
     loader = dm.train_dataloader()
-    rates = []
-    for _ in range(repeats):
-        it = iter(loader)
-        for _ in range(max(1, workers)):
-            next(it)  # start-up: the first batch of each worker
-        n = 0
-        with Timer() as t:
-            while n < episodes:
-                batch = next(it)
-                n += batch.batch_size
-                for q, sup in zip(batch.query_id, batch.support_ids):
-                    seen += [q, *sup]
-        rates.append(n / t.seconds)
-        del it
-    del loader
-    return median(rates)
+    it = iter(loader)
+    for _ in range(max(1, workers)):
+        next(it)  # start-up: the first batch of each worker
+    n = 0
+    cpu0 = loader_cpu()
+    with Timer() as t:
+        while n < episodes:
+            n += next(it).batch_size
+    cpu = loader_cpu() - cpu0
+    del it, loader  # persistent workers end with their loader
+    gc.collect()
+    for _ in range(100):
+        if not worker_pids():
+            break
+        time.sleep(0.05)
+    return n / t.seconds, n / max(cpu, 1e-9)
 
 
 # ---- the limit ---------------------------------------------------------------------------------------
@@ -160,24 +191,29 @@ class CocoImages:
         return image, label
 
 
-def limit_rate(images, ops: A.Compose, repeats: int) -> float:
-    """Median images/s of decode + ops + normalisation over ``images.ids`` (the first one is warm-up)."""
-    mean, std = np.asarray(PIXEL_MEAN, np.float32), np.asarray(PIXEL_STD, np.float32)
+class Limit:
+    """Decode + ops + normalisation of the sample, in windows of consecutive images (cycling)."""
 
-    def one(image_id: str) -> np.ndarray:
-        image, label = images.decode(image_id)
-        out = ops(image=image, mask=label)
-        x = (out["image"].astype(np.float32) - mean) / std
+    def __init__(self, images, ops: A.Compose) -> None:
+        self.images, self.ops, self.cursor = images, ops, 0
+        self.mean, self.std = np.asarray(PIXEL_MEAN, np.float32), np.asarray(PIXEL_STD, np.float32)
+
+    def one(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.images.decode(image_id)
+        out = self.ops(image=image, mask=label)
+        x = (out["image"].astype(np.float32) - self.mean) / self.std
         return np.ascontiguousarray(x.transpose(2, 0, 1)), out["mask"]
 
-    one(images.ids[0])
-    rates = []
-    for _ in range(repeats):
+    def window(self, n: int) -> tuple[float, float]:
+        """Images/s and images per CPU-second over the next ``n`` images of the sample."""
+        ids = self.images.ids
+        todo = [ids[(self.cursor + k) % len(ids)] for k in range(n)]
+        self.cursor = (self.cursor + n) % len(ids)
+        cpu0 = cpu_seconds()
         with Timer() as t:
-            for image_id in images.ids[1:]:
-                one(image_id)
-        rates.append((len(images.ids) - 1) / t.seconds)
-    return median(rates)
+            for image_id in todo:
+                self.one(image_id)
+        return n / t.seconds, n / max(cpu_seconds() - cpu0, 1e-9)
 
 
 def main() -> None:
@@ -188,66 +224,97 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    p.add_argument("--limit-images", type=int, default=241, help="images decoded for the limit (+1 warm-up)")
+    p.add_argument("--limit-images", type=int, default=240, help="size of the limit's image sample")
+    p.add_argument("--limit-window", type=int, default=96, help="images per limit window (one per repeat)")
     p.add_argument("--cache-dir", default=None, help="class-count cache (default: the DataModule's)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the main process (default: torch's; workers always use 1)",
+    )
     args = p.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     root = Path(args.root)
     datasets = [args.only] if args.only else ["voc", "coco"]
     print(f"# data_loader: {' '.join(sys.argv[1:])}")
-    print(f"host: {host_line()}; cv2 threads {cv2.getNumThreads()}")
+    print(
+        f"host: {host_line()}; main process: torch threads {torch.get_num_threads()}, "
+        f"cv2 threads {cv2.getNumThreads()}"
+    )
     for d in datasets:
         print(f"{d}: stand-in scale {standin_scale(root / d)}")
-    length = (max(args.workers) + 2) * BATCH_SIZE + args.episodes * args.repeats + 64
+    length = (max(args.workers) + 2) * BATCH_SIZE + args.episodes + 64
     rows = []
     for d in datasets:
         cache = str(Path(args.cache_dir) / d) if args.cache_dir else None
         with quiet_warnings(), Timer() as t:
-            make_dm(d, root, 1, 0, cache, length).pools("train", [1])  # class counts: cached once
-        print(f"{NAMES[d]}: class counts ready in {t.seconds:.1f} s (not timed below)", flush=True)
-        seen: list[str] = []
-        loader = {}
+            pre = make_dm(d, root, 1, 0, cache, length)
+            pre.train_dataloader()  # train class counts and (setup("fit")) the val episode list
+            pools = pre.pools("train", pre.base_classes)
+        population = sorted({i for ids in pools.values() for i in ids})
+        del pre, pools
+        gc.collect()
+        print(f"{NAMES[d]}: class counts and val list ready in {t.seconds:.1f} s (not timed)", flush=True)
+        rng = np.random.default_rng(0)
+        sample = [population[int(k)] for k in rng.permutation(len(population))[: args.limit_images]]
+        with Timer() as t:
+            images = VocImages(root / "voc", sample) if d == "voc" else CocoImages(root / "coco", sample)
+        limit = Limit(images, limit_ops(IMAGE_SIZE))
+        limit.one(sample[0])  # warm-up
+        print(f"  limit sample: {len(sample)} of {len(population):,} pool images (set-up {t.seconds:.1f} s)")
         for shot in args.shots:
             for w in args.workers:
+                runs = []
                 with quiet_warnings():
                     dm = make_dm(d, root, shot, w, cache, length)
-                    loader[shot, w] = loader_rate(dm, w, args.episodes, args.repeats, seen)
+                    for _ in range(args.repeats):
+                        runs.append((*loader_window(dm, w, args.episodes), *limit.window(args.limit_window)))
                 del dm
                 gc.collect()
-                print(f"  {NAMES[d]} K={shot} workers={w}: {loader[shot, w]:.2f} episodes/s", flush=True)
-        ids = list(dict.fromkeys(seen))[: args.limit_images + 1]
-        with Timer() as t:
-            images = VocImages(root / "voc", ids) if d == "voc" else CocoImages(root / "coco", ids)
-        ips = limit_rate(images, limit_ops(IMAGE_SIZE), args.repeats)
-        del images
-        gc.collect()
-        print(f"  {NAMES[d]} limit: {ips:.2f} images/s over {len(ids) - 1} images (set-up {t.seconds:.1f} s)")
-        for shot in args.shots:
-            lim = ips / (shot + 1)
-            for w in args.workers:
-                per = loader[shot, w] / max(1, w)
+                rate, cpu_rate, ips, cpu_ips = (median([r[k] for r in runs]) for k in range(4))
+                per = rate / max(1, w)
+                ratio = median([r[0] / max(1, w) / (r[2] / (shot + 1)) for r in runs])
+                cpu_ratio = median([r[1] / (r[3] / (shot + 1)) for r in runs])
+                lim, cpu_lim = ips / (shot + 1), cpu_ips / (shot + 1)
                 rows.append(
-                    (
-                        NAMES[d],
-                        shot,
-                        w,
-                        f"{loader[shot, w]:.2f}",
-                        f"{per:.2f}",
-                        f"{lim:.2f}",
-                        f"{per / lim:.2f}",
-                    )
+                    (NAMES[d], shot, w, f"{rate:.2f}", f"{per:.2f}", f"{lim:.2f}", f"{ratio:.2f}",
+                     f"{cpu_rate:.2f}", f"{cpu_lim:.2f}", f"{cpu_ratio:.2f}")
+                )  # fmt: skip
+                print(
+                    f"  {NAMES[d]} K={shot} workers={w}: {rate:.2f} episodes/s ({cpu_rate:.2f} per CPU-s); "
+                    f"limit {ips:.1f} images/s ({cpu_ips:.1f} per CPU-s)",
+                    flush=True,
                 )
+        del limit, images
+        gc.collect()
     print()
     print(
         markdown_table(
-            ["dataset", "K", "workers", "loader ep/s", "per worker ep/s", "limit ep/s", "ratio"],
+            [
+                "dataset",
+                "K",
+                "workers",
+                "loader ep/s",
+                "per worker ep/s",
+                "limit ep/s",
+                "ratio",
+                "loader ep/CPU-s",
+                "limit ep/CPU-s",
+                "CPU ratio",
+            ],
             rows,
-            [False, True, True, True, True, True, True],
+            [False] + [True] * 9,
         )
     )
     print(
         f"\nimage_size {IMAGE_SIZE}, batch_size {BATCH_SIZE}, fold 0; {args.episodes} timed episodes per row "
-        f"after max(1, workers) warm-up batches, median of {args.repeats}. Per worker: w = 0 counts the main "
-        "process as one. Limit = decode + ops once per image in one process, images/s / (K + 1)."
+        f"after max(1, workers) warm-up batches, each followed by a limit window of {args.limit_window} "
+        "images; "
+        f"medians of {args.repeats}. Per worker: w = 0 counts the main process as one. Limit = decode + ops "
+        "once per image in one process, images/s / (K + 1). ep/CPU-s: episodes per CPU-second of the main "
+        "process and its workers (all threads, /proc/<pid>/stat); CPU ratio = loader / limit."
     )
 
 

@@ -118,7 +118,11 @@ def cli_table(device: torch.device, smoke: bool, work: Path) -> list[str]:
         subprocess.run([*make, "--only", "voc", "--scale", scale, *distinct], check=True)
     steps = 2 if smoke else 50
     configs = ["trainer.yaml"] + ([] if device.type == "cpu" else ["trainer_gpu.yaml"])
-    common = [arg for c in [*configs, "data_pascal.yaml"] for arg in ("-c", str(config_dir() / c))] + [
+
+    def files(stage: str) -> list[str]:  # config files first: a later -c would override the values below
+        return [arg for c in [*configs, "data_pascal.yaml", stage] for arg in ("-c", str(config_dir() / c))]
+
+    common = [
         f"--data.init_args.root={voc}",
         f"--data.init_args.image_size={64 if smoke else 480}",
         "--data.init_args.num_workers=2" if smoke else "--data.init_args.num_workers=8",
@@ -148,7 +152,7 @@ def cli_table(device: torch.device, smoke: bool, work: Path) -> list[str]:
             raise SystemExit(f"{name} failed; last output:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
     s1 = work / "fewshot-seg" / "s1" / "checkpoints" / "last.ckpt"
-    args1 = [*common, "-c", str(config_dir() / stage1), "--trainer.logger.init_args.version=s1"]
+    args1 = [*files(stage1), *common, "--trainer.logger.init_args.version=s1"]
     run(
         "stage-1 fit",
         ["fit", *args1, *no_imagenet, *(["--model.init_args.loss.num_points=256"] if smoke else [])],
@@ -156,7 +160,7 @@ def cli_table(device: torch.device, smoke: bool, work: Path) -> list[str]:
     )
     _finite_losses(s1, rows)
     s2 = work / "fewshot-seg" / "s2" / "checkpoints" / "last.ckpt"
-    args2 = [*common, "-c", str(config_dir() / stage2), f"--model.init_args.stage1_checkpoint={s1}"]
+    args2 = [*files(stage2), *common, f"--model.init_args.stage1_checkpoint={s1}"]
     run("stage-2 fit", ["fit", *args2, "--trainer.logger.init_args.version=s2"], s2)
     _finite_losses(s2, rows)
     results = work / "fewshot-seg" / "t" / "results.json"

@@ -258,7 +258,7 @@ class TrainEpisodeDataset(Dataset):
             lut = np.zeros(256, dtype=bool)
             lut[[v for v, g in mapping.items() if g in self._base_set]] = True
         q_img, q_lab = self.augment(image, label, rng, accept=lambda lab: bool(lut[lab].any()))
-        present = [int(c) for c in np.unique(q_lab) if lut[c]]
+        present = [int(c) for c in np.flatnonzero(np.bincount(q_lab.ravel(), minlength=256)) if lut[c]]
         if mapping is not None:
             present = [mapping[v] for v in present]
         if not present:  # only after the fallback on a degenerate image: use a class the pools promise

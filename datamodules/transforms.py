@@ -22,8 +22,10 @@ TRAIN_IMAGE_PAD = 128
 # SPEC §5: a support must keep 1,843 px of its class in a 480 x 480 crop.
 REFERENCE_SUPPORT_MIN_PIXELS = 1843
 
-_MEAN = np.asarray(PIXEL_MEAN, dtype=np.float32)
-_STD = np.asarray(PIXEL_STD, dtype=np.float32)
+# uint8 value -> normalised float32 per channel: a table lookup, bit-identical to (x - mean) / std.
+_NORMALISED = (
+    np.arange(256, dtype=np.float32)[None, :] - np.asarray(PIXEL_MEAN, np.float32)[:, None]
+) / np.asarray(PIXEL_STD, np.float32)[:, None]
 
 
 def default_train_scales(image_size: int) -> list[int]:
@@ -38,8 +40,16 @@ def default_support_min_pixels(image_size: int) -> int:
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float32 normalised with PIXEL_MEAN / PIXEL_STD."""
-    x = (image.astype(np.float32) - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    out = np.empty((3, *image.shape[:2]), dtype=np.float32)
+    for c in range(3):  # one lookup per channel, written straight into the channel-first layout
+        np.take(_NORMALISED[c], image[..., c], out=out[c])
+    return torch.from_numpy(out)
+
+
+def shortest_edge_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h', w') with the shorter side ``size`` and the aspect ratio kept (albumentations' rounding)."""
+    scale = size / min(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def _pad_bottom_right(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,11 +66,14 @@ def _pad_bottom_right(image: np.ndarray, label: np.ndarray, size: int) -> tuple[
 class TrainAugment:
     """SPEC §4 training augmentation producing an ``image_size`` square crop.
 
-    Shortest-edge resize to a random scale, colour jitter and horizontal flip (albumentations),
-    then a random ``image_size`` crop re-drawn until ``accept(label_crop)`` holds, then padding
-    (image 128, label 255) at the bottom/right. After ``crop_tries`` crops the whole augmentation
-    is re-drawn, up to ``max_tries`` times; if nothing is accepted the image is resized to fit the
-    crop whole (nothing is cut away), which keeps sampling finite on pathological inputs.
+    Shortest-edge resize to a random scale, a random ``image_size`` crop re-drawn until
+    ``accept(label_crop)`` holds, then colour jitter and horizontal flip (albumentations) of the crop,
+    then padding (image 128, label 255) at the bottom/right. The crop is searched on the resized label
+    alone and the image is resized once, for the accepted crop; jitter and flip work on the crop, not on
+    the up-to-960-px resized image (the flip commutes with a uniform random crop; the jitter's contrast
+    uses the crop's mean). After ``crop_tries`` crops the scale is re-drawn, up to ``max_tries`` times;
+    if nothing is accepted the image is resized to fit the crop whole (nothing is cut away), which keeps
+    sampling finite on pathological inputs.
     """
 
     def __init__(
@@ -74,9 +87,8 @@ class TrainAugment:
         self.scales = list(scales) if scales else default_train_scales(image_size)
         self.max_tries = max_tries
         self.crop_tries = crop_tries
-        self.pipeline = A.Compose(
+        self.photometric = A.Compose(
             [
-                A.SmallestMaxSize(max_size=self.scales, interpolation=cv2.INTER_LINEAR),
                 A.ColorJitter(brightness=0.2, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
                 A.HorizontalFlip(p=0.5),
             ]
@@ -105,16 +117,21 @@ class TrainAugment:
         """Augment ``image [H, W, 3] uint8`` and ``label [H, W] uint8``; both come back ``S x S``."""
         s = self.image_size
         for _ in range(self.max_tries):
-            self.pipeline.set_random_seed(int(rng.integers(2**31)))
-            out = self.pipeline(image=image, mask=label)
-            img, lab = out["image"], out["mask"]
-            h, w = lab.shape
+            h, w = shortest_edge_size(*label.shape, self.scales[int(rng.integers(len(self.scales)))])
+            lab = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
             for _ in range(self.crop_tries):
                 y0 = int(rng.integers(0, h - s + 1)) if h > s else 0
                 x0 = int(rng.integers(0, w - s + 1)) if w > s else 0
                 lab_c = lab[y0 : y0 + s, x0 : x0 + s]
                 if accept(lab_c):
-                    return _pad_bottom_right(img[y0 : y0 + s, x0 : x0 + s], lab_c, s)
+                    img_c = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)[
+                        y0 : y0 + s, x0 : x0 + s
+                    ]
+                    self.photometric.set_random_seed(int(rng.integers(2**31)))
+                    out = self.photometric(
+                        image=np.ascontiguousarray(img_c), mask=np.ascontiguousarray(lab_c)
+                    )
+                    return _pad_bottom_right(out["image"], out["mask"], s)
         out = self.fallback(image=image, mask=label)
         return out["image"], out["mask"]
 

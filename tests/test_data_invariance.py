@@ -1,6 +1,6 @@
 """Image-local labels (FSS-1000, LVIS) left the VOC / COCO / synthetic episodes bit-identical.
 
-``data/episodes_before_benchmarks.json`` holds test lists and training episodes (ids, classes and
+``data/episodes_reference.json`` holds test lists and training episodes (ids, classes and
 mask hashes) computed by the code before image-local labels were added; they must not change.
 """
 
@@ -19,7 +19,7 @@ from datamodules.fake import make_fake_coco, make_fake_voc
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2
 
-EXPECTED = json.loads((Path(__file__).parent / "data" / "episodes_before_benchmarks.json").read_text())
+EXPECTED = json.loads((Path(__file__).parent / "data" / "episodes_reference.json").read_text())
 
 
 def _hash(t) -> str:

@@ -21,6 +21,9 @@ RUN_DIR ?= runs/$(DATASET)/fold$(FOLD)/seed$(SEED)
 SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
 SWEEP_ID ?=
 COUNT ?=
+CKPT ?=
+# Benchmarks whose models come from another dataset (test-fold opts in to the class-overlap report).
+TRANSFER := coco2pascal deepglobe isic2018 chestxray
 DATAMODULE_synthetic := SyntheticDataModule
 DATAMODULE_pascal := Pascal5iDataModule
 DATAMODULE_coco := Coco20iDataModule
@@ -35,13 +38,14 @@ help: ## List the targets and their variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables (current value):"
-	@echo "  DATASET=$(DATASET)  synthetic | pascal | coco"
+	@echo "  DATASET=$(DATASET)  synthetic | pascal | coco | fss1000 | lvis92i (train-fold); any data_<DATASET>.yaml (test-fold)"
 	@echo "  FOLD=$(FOLD) SHOT=$(SHOT) SEED=$(SEED)  one fold (train-fold, episodes)"
 	@echo "  FOLDS=\"$(FOLDS)\" SHOTS=\"$(SHOTS)\" SEEDS=\"$(SEEDS)\"  the grid of train-all"
 	@echo "  DATA_ROOT=$(DATA_ROOT)  dataset folder (default: the data YAML's root)"
 	@echo "  DEVICES=$(DEVICES) NODES=$(NODES)  --trainer.devices / --trainer.num_nodes (multi-GPU: docs/distributed.md)"
 	@echo "  RUN_DIR=$(RUN_DIR)"
 	@echo "  ARGS=\"$(ARGS)\"  extra fewshot-seg arguments, e.g. ARGS=\"--trainer.max_steps=100\""
+	@echo "  CKPT=$(CKPT)  a stage-2 checkpoint (test-fold)"
 	@echo "  SWEEP=$(SWEEP)  SWEEP_ID=$(SWEEP_ID)  COUNT=$(COUNT)  (sweep, agent)"
 
 $(PY):
@@ -77,6 +81,15 @@ train-all: ## Every fold of FOLDS x seed of SEEDS (stage 2 per shot of SHOTS), t
 			$(if $(ARGS),-- $(ARGS)); \
 	done; done
 	$(MAKE) --no-print-directory aggregate DATASET=$(DATASET)
+
+.PHONY: test-fold
+test-fold: ## Test a stage-2 CKPT on DATASET (any data_<DATASET>.yaml, test-only benchmarks too) at FOLD, SHOT
+	@test -n "$(CKPT)" || { echo "CKPT=<stage-2 checkpoint> is required"; exit 2; }
+	$(VENV)/bin/fewshot-seg test -c lightning_configs/trainer.yaml -c lightning_configs/data_$(DATASET).yaml \
+		-c lightning_configs/stage2_mm.yaml --data.init_args.fold=$(FOLD) --data.init_args.shot=$(SHOT) \
+		$(if $(DATA_ROOT),--data.init_args.root=$(DATA_ROOT)) --ckpt_path=$(CKPT) \
+		$(if $(filter $(DATASET),$(TRANSFER)),--model.init_args.allow_class_overlap=true) \
+		--trainer.default_root_dir=$(RUN_DIR) --trainer.logger.init_args.save_dir=$(RUN_DIR) $(ARGS)
 
 .PHONY: aggregate
 aggregate: ## The fold summaries under runs/DATASET -> one table (runs/DATASET/summary.md + .csv)

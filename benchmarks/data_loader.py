@@ -15,12 +15,13 @@ DataModule's, ``<root>/<dataset>/fewshot_cache``), built once if missing and not
 
 Limit: in this one process, decode (JPEG with PIL; VOC label PNG with PIL, COCO label rendered from the
 instance JSON with pycocotools) and the training pipeline's ops applied once per image (shortest-edge
-resize to a random scale of ``default_train_scales(480)``, TrainAugment's colour jitter, h-flip, a 480
-crop with padding, normalisation to float CHW); no sampling logic (no crop re-draws, no support
-re-augmentation, no episode assembly, no worker transfer). Written here, not imported, so it does not
-share the code paths being measured. Its images: a fixed random sample (``--limit-images``) of the
-images the loader draws from (the union of the fold's base-class pools). Limit episodes/s for K shots
-= images/s / (K + 1); ratio = loader per worker / limit.
+resize to a random scale of ``default_train_scales(480)``, a 480 crop with padding, TrainAugment's
+colour jitter and h-flip, in the order TrainAugment applies them, normalisation to float CHW); no
+sampling logic (no crop re-draws, no support re-augmentation, no episode assembly, no worker
+transfer). Written here, not imported, so it does not share the code paths being measured. Its
+images: a fixed random sample (``--limit-images``) of the images the loader draws from (the union of
+the fold's base-class pools). Limit episodes/s for K shots = images/s / (K + 1); ratio = loader per
+worker / limit.
 
 Side by side: every repeat times a loader window, shuts its workers down, then times a limit window
 of ``--limit-window`` images right after it, so each ratio compares two figures taken under the same
@@ -117,24 +118,29 @@ def loader_window(dm, workers: int, episodes: int) -> tuple[float, float]:
 
 # ---- the limit ---------------------------------------------------------------------------------------
 def limit_ops(image_size: int) -> A.Compose:
-    """The training pipeline's ops, applied once: TrainAugment's colour jitter (copied from its pipeline
-    when it has one, else SPEC's values), shortest-edge scales from ``default_train_scales``."""
-    jitter = None
-    for t in getattr(getattr(TrainAugment(image_size), "pipeline", None), "transforms", []):
-        if isinstance(t, A.ColorJitter):
-            jitter = copy.deepcopy(t)
+    """The training pipeline's ops, applied once, in the order the measured TrainAugment applies them.
+
+    A TrainAugment with a ``photometric`` pipeline (jitter and flip on the crop) gives resize -> crop ->
+    jitter -> flip; one with a single ``pipeline`` (the older code: jitter and flip on the whole resized
+    image) gives resize -> jitter -> flip -> crop. The jitter is copied from TrainAugment (else SPEC's
+    values); the shortest-edge scales are ``default_train_scales``.
+    """
+    augment = TrainAugment(image_size)
+    on_crop = hasattr(augment, "photometric")
+    source = augment.photometric if on_crop else getattr(augment, "pipeline", None)
+    jitter = next(
+        (copy.deepcopy(t) for t in getattr(source, "transforms", []) if isinstance(t, A.ColorJitter)), None
+    )
     if jitter is None:
         jitter = A.ColorJitter(brightness=0.2, contrast=0.3, saturation=0.3, hue=0.03, p=0.8)
-    ops = A.Compose(
-        [
-            A.SmallestMaxSize(max_size=default_train_scales(image_size), interpolation=cv2.INTER_LINEAR),
-            jitter,
-            A.HorizontalFlip(p=0.5),
-            A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
-                          fill=TRAIN_IMAGE_PAD, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(image_size, image_size),
-        ]
-    )  # fmt: skip
+    resize = A.SmallestMaxSize(max_size=default_train_scales(image_size), interpolation=cv2.INTER_LINEAR)
+    crop = [
+        A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                      fill=TRAIN_IMAGE_PAD, fill_mask=IGNORE_INDEX),
+        A.RandomCrop(image_size, image_size),
+    ]  # fmt: skip
+    photometric = [jitter, A.HorizontalFlip(p=0.5)]
+    ops = A.Compose([resize, *crop, *photometric] if on_crop else [resize, *photometric, *crop])
     ops.set_random_seed(0)
     return ops
 

@@ -38,10 +38,42 @@ CHESTXRAY_LAYOUT = """expected layout under the root (PATNet's LungSegmentation)
 
 
 class _CrossDomainDataModule(EpisodeDataModule):
-    """A test-only binary-mask benchmark: one fold whose novel classes are all the dataset's classes."""
+    """A test-only binary-mask benchmark: one fold whose novel classes are all the dataset's classes.
+
+    The defaults are PATNet's test protocol, shared by its three sets. The others are those of PATNet's
+    protocol and of :class:`~datamodules.base.EpisodeDataModule`.
+
+    Args:
+        image_size: Side of the square model input; PATNet tests at 400.
+        protocol: Evaluation protocol; "patnet" is PATNet's (classes in turn).
+        test_episodes: Test episodes (PATNet: 600).
+        val_episodes: Validation episodes (same images, other seed).
+        test_seed: Seed of the test episode list.
+        pool_min_pixels: Object pixels an image needs to be drawn; 0 keeps every masked image (PATNet).
+    """
 
     num_folds = 1
     test_only = True
+
+    def __init__(
+        self,
+        image_size: int = 400,
+        protocol: ProtocolName = "patnet",
+        test_episodes: int = 600,
+        val_episodes: int = 600,
+        test_seed: int = 0,
+        pool_min_pixels: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            protocol=protocol,
+            test_episodes=test_episodes,
+            val_episodes=val_episodes,
+            test_seed=test_seed,
+            pool_min_pixels=pool_min_pixels,
+            **kwargs,
+        )
 
     def fold_novel_classes(self, fold: int) -> list[int]:
         return list(range(1, self.num_classes + 1))
@@ -60,17 +92,11 @@ class DeepglobeDataModule(_CrossDomainDataModule):
 
     Reads PATNet's preprocessed release: ``<root>/<c>/test/origin/*.jpg`` with the class-c mask
     ``<root>/<c>/test/groundtruth/<same name>.png`` for c = 1..6 (a tile is in every class folder whose
-    class it shows). Class ids 1..6 = folders 1..6. Every other argument is
-    :class:`~datamodules.base.EpisodeDataModule`'s.
+    class it shows). Class ids 1..6 = folders 1..6. The others are those of PATNet's
+    protocol and of :class:`~datamodules.base.EpisodeDataModule`.
 
     Args:
         root: The Deepglobe folder holding ``1/`` .. ``6/``.
-        image_size: Side of the square model input; PATNet tests at 400.
-        protocol: Evaluation protocol; "patnet" is PATNet's (classes in turn).
-        test_episodes: Test episodes (PATNet: 600).
-        val_episodes: Validation episodes (same images, other seed).
-        test_seed: Seed of the test episode list.
-        pool_min_pixels: Object pixels a tile needs to be drawn; 0 keeps every listed tile (PATNet).
     """
 
     name = "deepglobe"
@@ -80,24 +106,9 @@ class DeepglobeDataModule(_CrossDomainDataModule):
     def __init__(
         self,
         root: str = "data/Deepglobe",
-        image_size: int = 400,
-        protocol: ProtocolName = "patnet",
-        test_episodes: int = 600,
-        val_episodes: int = 600,
-        test_seed: int = 0,
-        pool_min_pixels: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            protocol=protocol,
-            test_episodes=test_episodes,
-            val_episodes=val_episodes,
-            test_seed=test_seed,
-            pool_min_pixels=pool_min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
 
     def items(self) -> list[MaskedImage]:
         require_dir(self.root, "dataset root", DEEPGLOBE_LAYOUT)
@@ -127,12 +138,6 @@ class ISIC2018DataModule(_CrossDomainDataModule):
     Args:
         root: The ISIC folder holding both ISIC2018 folders.
         class_names: Names of folders 1, 2, 3; default seborrheic_keratosis, nevus, melanoma.
-        image_size: Side of the square model input; PATNet tests at 400.
-        protocol: Evaluation protocol; "patnet" is PATNet's (classes in turn).
-        test_episodes: Test episodes (PATNet: 600).
-        val_episodes: Validation episodes (same images, other seed).
-        test_seed: Seed of the test episode list.
-        pool_min_pixels: Lesion pixels an image needs to be drawn; 0 keeps every image (PATNet).
     """
 
     name = "isic2018"
@@ -143,24 +148,9 @@ class ISIC2018DataModule(_CrossDomainDataModule):
         self,
         root: str = "data/ISIC",
         class_names: list[str] | None = None,
-        image_size: int = 400,
-        protocol: ProtocolName = "patnet",
-        test_episodes: int = 600,
-        val_episodes: int = 600,
-        test_seed: int = 0,
-        pool_min_pixels: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            protocol=protocol,
-            test_episodes=test_episodes,
-            val_episodes=val_episodes,
-            test_seed=test_seed,
-            pool_min_pixels=pool_min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
         if class_names is not None:
             if len(class_names) != self.num_classes:
                 raise DatasetError(f"class_names needs 3 names (folders 1, 2, 3), got {class_names}")
@@ -201,8 +191,8 @@ class ChestXrayDataModule(_CrossDomainDataModule):
 
     Reads PATNet's layout: ``<root>/CXR_png/<id>.png`` with the mask ``<root>/masks/<id>_mask.png``
     (Montgomery masks named ``<id>.png`` are accepted too). X-rays without a mask are not used (the
-    published set has 800 X-rays and 704 masks; PATNet lists the masks). Every other argument is
-    :class:`~datamodules.base.EpisodeDataModule`'s.
+    published set has 800 X-rays and 704 masks; PATNet lists the masks). The others are those of PATNet's
+    protocol and of :class:`~datamodules.base.EpisodeDataModule`.
 
     Args:
         root: The LungSegmentation folder holding ``CXR_png/`` and ``masks/``.
@@ -221,24 +211,9 @@ class ChestXrayDataModule(_CrossDomainDataModule):
     def __init__(
         self,
         root: str = "data/LungSegmentation",
-        image_size: int = 400,
-        protocol: ProtocolName = "patnet",
-        test_episodes: int = 600,
-        val_episodes: int = 600,
-        test_seed: int = 0,
-        pool_min_pixels: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            protocol=protocol,
-            test_episodes=test_episodes,
-            val_episodes=val_episodes,
-            test_seed=test_seed,
-            pool_min_pixels=pool_min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
 
     def items(self) -> list[MaskedImage]:
         require_dir(self.root, "dataset root", CHESTXRAY_LAYOUT)

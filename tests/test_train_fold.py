@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import GEN
+from cli_helpers import tiny_data
 
 from fewshot_seg.tools.aggregate import SUMMARY_KIND
 from fewshot_seg.tools.aggregate import main as aggregate
@@ -15,15 +15,7 @@ from fewshot_seg.tools.train_fold import main as train_fold
 
 def _args(root: Path, run_dir: Path, *options: str) -> list[str]:
     tiny = [
-        f"--data.init_args.root={root}",
-        f"--data.init_args.num_train={GEN['num_train']}",
-        f"--data.init_args.num_val={GEN['num_val']}",
-        "--data.init_args.pool_min_pixels=50",
-        "--data.init_args.image_size=64",
-        "--data.init_args.batch_size=2",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.val_episodes=2",
-        "--data.init_args.test_episodes=4",
+        *tiny_data(root),  # (val/test episodes 4: a second run re-uses the same cached lists)
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
         "--trainer.enable_model_summary=false",

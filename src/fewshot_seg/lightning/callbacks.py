@@ -165,23 +165,20 @@ class StepProgressBar(TQDMProgressBar):
     moves step by step and a 20,000-step run writes a few dozen lines to a log file, not thousands.
 
     Args:
-        updates: refreshes per bar (the refresh interval is ``ceil(total / updates)`` batches or steps).
+        updates: refreshes per bar (every ``ceil(total / updates)`` batches or steps, and at the end).
     """
 
     def __init__(self, updates: int = 50, process_position: int = 0, leave: bool = False) -> None:
         super().__init__(refresh_rate=1, process_position=process_position, leave=leave)
         self.updates = updates
-        self._every = 1
 
-    def _interval(self, total: float | int | None) -> int:
-        if total is None or total == float("inf") or total <= 0:
-            return max(1, self.updates)
-        return max(1, math.ceil(total / self.updates))
+    def _should_update(self, current: int, total: float | int | None) -> bool:
+        known = total is not None and total != float("inf") and total > 0
+        every = max(1, math.ceil(total / self.updates)) if known else self.updates
+        return self.is_enabled and (current % every == 0 or current == total)
 
-    def _should_update(self, current: int, total: int) -> bool:
-        return self.is_enabled and (current % self._every == 0 or current == total)
-
-    def _step_based(self, trainer: pl.Trainer) -> bool:
+    @staticmethod
+    def _step_based(trainer: pl.Trainer) -> bool:
         return trainer.max_steps is not None and trainer.max_steps > 0
 
     def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -193,11 +190,8 @@ class StepProgressBar(TQDMProgressBar):
             bar.set_description("train steps")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self._step_based(trainer):
-            self._every = self._interval(trainer.max_steps)
-            return
-        super().on_train_epoch_start(trainer, *args)
-        self._every = self._interval(self.train_progress_bar.total)
+        if not self._step_based(trainer):  # step-based: one bar over all epochs
+            super().on_train_epoch_start(trainer, *args)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
@@ -210,44 +204,3 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
-
-    def on_validation_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        if batch_idx == 0 and not trainer.sanity_checking:
-            self._every = self._interval(self.val_progress_bar.total)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if self._step_based(trainer):
-            self._every = self._interval(trainer.max_steps)
-
-    def on_test_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        if batch_idx == 0:
-            self._every = self._interval(self.test_progress_bar.total)
-
-    def on_predict_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-        if batch_idx == 0:
-            self._every = self._interval(self.predict_progress_bar.total)

@@ -34,6 +34,9 @@ DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
     "synthetic": ("data_synthetic.yaml", "stage1_pos_cpu_demo.yaml", "stage2_mm_cpu_demo.yaml", None),
     "pascal": ("data_pascal.yaml", "stage1_pos.yaml", "stage2_mm.yaml", (20_000, 10_000)),
     "coco": ("data_coco.yaml", "stage1_pos.yaml", "stage2_mm.yaml", (60_000, 20_000)),  # SPEC §4
+    # Benchmarks that train (docs/benchmarks.md); the paper gives no schedule: the stage files' (Pascal's).
+    "fss1000": ("data_fss1000.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
+    "lvis92i": ("data_lvis92i.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
 }
 PROJECT = "fewshot-seg"  # the W&B project / logger name of trainer.yaml
 # Under SLURM or torchrun one copy of this driver may run per task; only global rank 0 writes its files.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,12 @@ def test_resume_is_bit_identical(synthetic_root: Path, tmp_path: Path, workers: 
 
     first = _fit(synthetic_root, tmp_path / "split", workers, N)
     run = Path(first.trainer.checkpoint_callback.last_model_path).parent.parent
-    resumed = _fit(synthetic_root, tmp_path / "split", workers, 2 * N, "--ckpt_path=last")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _fit(synthetic_root, tmp_path / "split", workers, 2 * N, "--ckpt_path=last")
+    # Its own earlier checkpoints in the folder are expected: no "exists and is not empty" warning.
+    not_empty = [str(w.message) for w in caught if "not empty" in str(w.message)]
+    assert not not_empty, not_empty
     assert resumed.trainer.global_step == 2 * N
     # The same run continued: one run folder, its first config kept beside the resumed run's.
     assert Path(resumed.trainer.checkpoint_callback.last_model_path).parent.parent == run

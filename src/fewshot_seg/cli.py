@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 import datamodules
 import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
+from fewshot_seg.lightning.callbacks import BestCheckpoint
 from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
 from fewshot_seg.lightning.results import run_dir
 
@@ -145,6 +146,12 @@ class FewShotCLI(LightningCLI):
         if self.subcommand is not None and hasattr(self.model, "run_config"):
             self._dump_config()  # the resolved config of this run, recorded in its checkpoints and results
             self.model.run_config = self.config_dump
+
+    def before_fit(self) -> None:
+        if self.config[self.subcommand].get("ckpt_path"):
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, BestCheckpoint):
+                    callback.resuming = True
 
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,12 +98,24 @@ class BestCheckpoint(ModelCheckpoint):
             enable_version_counter=enable_version_counter,
             **kwargs,
         )
+        self.resuming = False  # set by the CLI for `fit --ckpt_path ...` (Lightning restores after setup)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor == "auto":
             # Without a metric ModelCheckpoint keeps the latest checkpoint(s) instead.
             self.monitor = getattr(pl_module, "monitor_metric", None) or None
-        super().setup(trainer, pl_module, stage)
+        self._stage = stage
+        with warnings.catch_warnings():
+            if self.resuming:
+                # A resumed run writes into its own folder: the files there are its earlier checkpoints.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # test / validate / predict write no checkpoints: the fit run's best/last bookkeeping (and its
+        # folder, which Lightning would warn has changed) only matters to a resumed fit.
+        if getattr(self, "_stage", "fit") == "fit":
+            super().load_state_dict(state_dict)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

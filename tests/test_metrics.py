@@ -96,3 +96,44 @@ def test_rejects_unknown_class_and_bad_shapes() -> None:
         metric.update([torch.zeros(2, 2)], [torch.zeros(3, 2)], [1])
     with pytest.raises(ValueError, match="variant"):
         FewShotIoU([1], variant="mean")  # type: ignore[arg-type]
+
+
+def _random_episodes(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randint(0, 2, (n, 6, 7), generator=g)
+    target = torch.randint(0, 2, (n, 6, 7), generator=g)
+    target[:, 0, 0] = 255  # an ignored pixel in every episode
+    return pred, target, torch.randint(1, 4, (n,), generator=g).tolist()
+
+
+def _sync_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        metric = FewShotIoU([1, 2, 3])
+        pred, target, cls = _random_episodes(0, 10)
+        metric.update(pred[rank::world], target[rank::world], cls[rank::world])  # this rank's shard
+        torch.save(metric.compute(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compute_sums_the_states_of_all_processes(tmp_path: Path) -> None:
+    """Two gloo processes, each scoring half of the episodes, compute what one process scoring all does."""
+    import torch.multiprocessing as mp
+
+    world, out = 2, str(tmp_path / "out")
+    mp.spawn(_sync_worker, args=(world, str(tmp_path / "init"), out), nprocs=world, join=True)
+    single = FewShotIoU([1, 2, 3])
+    single.update(*_random_episodes(0, 10))
+    expected = single.compute()
+    for rank in range(world):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert {c: int(n) for c, n in got["class_episodes"].items()} == {
+            c: int(n) for c, n in expected["class_episodes"].items()
+        }
+        assert float(got["miou"]) == float(expected["miou"]) and float(got["fbiou"]) == float(
+            expected["fbiou"]
+        )
+        assert all(float(got["class_iou"][c]) == float(expected["class_iou"][c]) for c in (1, 2, 3))

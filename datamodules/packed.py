@@ -50,10 +50,13 @@ class PackedList:
         for suffix, array in ((".buf.npy", self.buffer), (".off.npy", self.offsets)):
             path = prefix.with_name(prefix.name + suffix)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(array))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:  # mode 0666 & ~umask, as the JSON caches (datamodules/cache.py)
+                    np.save(f, np.ascontiguousarray(array))
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     @classmethod
     def load(cls, prefix: Path) -> PackedList:

@@ -42,7 +42,11 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def smaps_rollup(pid: int | str = "self") -> dict[str, float]:
-    """Rss, Pss and USS (Private_Clean + Private_Dirty) of a process in MiB, from smaps_rollup."""
+    """Rss, Pss, USS (Private_Clean + Private_Dirty) and Private_Dirty of a process in MiB (smaps_rollup).
+
+    Private_Dirty is what the process wrote for itself (heap, copied-on-write pages); Private_Clean also
+    counts file pages only this process has mapped (e.g. a memory-mapped index), which the kernel can drop.
+    """
     kb = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, _, value = line.partition(":")
@@ -53,6 +57,7 @@ def smaps_rollup(pid: int | str = "self") -> dict[str, float]:
         "rss": kb["Rss"] / MB,
         "pss": kb["Pss"] / MB,
         "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / MB,
+        "dirty": kb["Private_Dirty"] / MB,
     }
 
 

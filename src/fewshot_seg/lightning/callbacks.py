@@ -99,6 +99,7 @@ class BestCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.resuming = False  # set by the CLI for `fit --ckpt_path ...` (Lightning restores after setup)
+        self._stage = "fit"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.monitor == "auto":
@@ -114,7 +115,7 @@ class BestCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # test / validate / predict write no checkpoints: the fit run's best/last bookkeeping (and its
         # folder, which Lightning would warn has changed) only matters to a resumed fit.
-        if getattr(self, "_stage", "fit") == "fit":
+        if self._stage == "fit":
             super().load_state_dict(state_dict)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:

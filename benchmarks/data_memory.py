@@ -127,21 +127,11 @@ def main() -> None:
         if ws:
             mean = {k: sum(r[k] for r in ws) / len(ws) for k in ("dirty", "uss", "pss", "rss")}
             rows.append((w, "worker mean", *_cells(mean)))
-        total_pss = m["pss"] + sum(r["pss"] for r in ws)
-        total = {k: m[k] + sum(r[k] for r in ws) for k in ("dirty", "uss")}
-        rows.append(
-            (
-                w,
-                "all (main + workers)",
-                f"{total['dirty']:.0f}",
-                f"{total['uss']:.0f}",
-                f"{total_pss:.0f}",
-                "",
-            )
-        )
+        total = {k: m[k] + sum(r[k] for r in ws) for k in ("dirty", "uss", "pss")}
+        rows.append((w, "all (main + workers)", *_cells(total, ("dirty", "uss", "pss")), ""))
         print(
             f"  num_workers={w}: {args.batches} batches in {run['seconds']:.1f} s, main peak RSS "
-            f"{run['main_hwm_mb']:.0f} MB, PSS of main + workers {total_pss:.0f} MB",
+            f"{run['main_hwm_mb']:.0f} MB, PSS of main + workers {total['pss']:.0f} MB",
             flush=True,
         )
     print()
@@ -160,8 +150,8 @@ def main() -> None:
     )
 
 
-def _cells(mem: dict[str, float]) -> tuple[str, ...]:
-    return tuple(f"{mem[k]:.0f}" for k in ("dirty", "uss", "pss", "rss"))
+def _cells(mem: dict[str, float], keys: tuple[str, ...] = ("dirty", "uss", "pss", "rss")) -> tuple[str, ...]:
+    return tuple(f"{mem[k]:.0f}" for k in keys)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,46 +14,28 @@ from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
 from .episodes import episode_sample
 from .errors import DatasetError
 from .protocols import ProtocolName, get_protocol
-from .source import read_rgb
 from .transforms import TestTransform
+from .user_images import (
+    MASK_CONVENTION,
+    check_same_size,
+    image_extensions,
+    is_mask_file,
+    read_user_image,
+    read_user_mask,
+)
 
-FOLDER_LAYOUT = """expected layout under the root:
+FOLDER_LAYOUT = f"""expected layout under the root:
   supports/<name>.<ext>                  support images (any format PIL reads: jpg, png, webp, bmp, tif, ...)
-  supports/<name>_mask.png  or  masks/<name>.png   their masks (0 = background, 255 = ignore,
-                                                      any other value = the object)
+  supports/<name>_mask.png  or  masks/<name>.png   their masks ({MASK_CONVENTION})
   queries/[<sub>/]<name>.<ext>           query images, also in sub-folders
   queries/[<sub>/]<name>_mask.png        optional query masks, same convention (enables scoring)"""
-
-
-def image_extensions() -> frozenset[str]:
-    """File extensions PIL can open here (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
-    from PIL import Image
-
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def read_binary_mask(path: Path) -> np.ndarray:
-    """``[H, W]`` uint8 {0, 1, 255} from a mask image: 0 -> 0, 255 -> 255, anything else -> 1."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            m = np.asarray(im.convert("L") if im.mode not in ("P", "L") else im)
-    except FileNotFoundError as e:
-        raise DatasetError(f"mask file is missing: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path} (corrupt or not an image): {e}") from e
-    out = (m != 0).astype(np.uint8)
-    out[m == IGNORE_INDEX] = IGNORE_INDEX
-    return out
 
 
 def _scan(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
     """(images, unsupported files) of ``folder``; ``*_mask.*`` files are masks, not images."""
     exts = image_extensions()
     files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
-    images = [p for p in files if p.suffix.lower() in exts and not p.stem.endswith("_mask")]
+    images = [p for p in files if p.suffix.lower() in exts and not is_mask_file(p)]
     unsupported = [p for p in files if p.suffix.lower() not in exts and not p.name.startswith(".")]
     return images, unsupported
 
@@ -73,10 +55,26 @@ class FolderEpisodes(Dataset):
     Queries are checked when the dataset is built (decoded, mask size compared): one that cannot be
     used is listed in :attr:`failed` with the reason and left out, so the others are still predicted.
     Query ids are the paths relative to ``queries/`` *with* their extension (``a.jpg`` and ``a.png``
-    are two queries). Supports must all be usable (no prediction without them).
+    are two queries). Supports must all be usable (no prediction without them). Images are read as
+    displayed (EXIF orientation) and masks by one convention (``datamodules.user_images``).
+
+    Args:
+        root: the episode folder.
+        transform: the evaluation protocol's resizing.
+        class_id: the class id the episodes report.
+        shot: the first ``shot`` supports by name; None = all.
+        scored_only: keep only the queries that have a mask (``test``); the others are listed in
+            :attr:`unscored`.
     """
 
-    def __init__(self, root: Path, transform: TestTransform, class_id: int, shot: int | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        transform: TestTransform,
+        class_id: int,
+        shot: int | None,
+        scored_only: bool = False,
+    ) -> None:
         sup_dir, qry_dir, mask_dir = root / "supports", root / "queries", root / "masks"
         for d in (root, sup_dir, qry_dir):
             if not d.is_dir():
@@ -100,27 +98,33 @@ class FolderEpisodes(Dataset):
         self.transform = transform
         self.class_id = class_id
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
-        for _, m in self.supports:
-            if not (read_binary_mask(m) == 1).any():
-                warnings.warn(
-                    f"support mask {m} marks no object pixel: predictions are meaningless", stacklevel=2
-                )
+        for s, m in self.supports:
+            _, mask = _pair(s, m)
+            if not (mask == 1).any():
+                raise DatasetError(f"support mask {m} marks no object pixel ({MASK_CONVENTION})")
         queries, unsupported = _scan(qry_dir, recursive=True)
         self.unsupported = [str(p) for p in sup_unsupported + unsupported]
         self.failed: list[tuple[str, str]] = []
+        self.unscored: list[str] = []
         self.queries: list[tuple[Path, Path | None, str]] = []
         for q in queries:
             m = _mask_for(q, None)
+            if m is None and scored_only:
+                self.unscored.append(str(q))
+                continue
             try:
-                image = read_rgb(q)
                 if m is not None:
-                    _check_size(read_binary_mask(m), image, m, q)
+                    _pair(q, m)
+                else:
+                    read_user_image(q, "image")
             except DatasetError as err:
                 self.failed.append((str(q), str(err)))
                 continue
             self.queries.append((q, m, q.relative_to(qry_dir).as_posix()))
         if not self.queries:
             problems = "; ".join(f"{p}: {why}" for p, why in self.failed)
+            if scored_only and self.unscored:
+                problems = f"scoring needs query masks <name>_mask.png; none of {len(self.unscored)} has one"
             raise DatasetError(
                 f"no usable query image in {qry_dir}{' (' + problems + ')' if problems else ''}"
             )
@@ -142,8 +146,11 @@ class FolderEpisodes(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         q, m, query_id = self.queries[index]
-        image = read_rgb(q)
-        label = read_binary_mask(m) if m else np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        if m is not None:
+            image, label = _pair(q, m)
+        else:
+            image = read_user_image(q, "image")
+            label = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
         return episode_sample(
@@ -159,17 +166,10 @@ class FolderEpisodes(Dataset):
         )
 
 
-def _check_size(mask: np.ndarray, image: np.ndarray, mask_path: Path, image_path: Path) -> None:
-    if mask.shape != image.shape[:2]:
-        raise DatasetError(
-            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]} (width x height)"
-        )
-
-
 def _pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    image, mask = read_rgb(image_path), read_binary_mask(mask_path)
-    _check_size(mask, image, mask_path, image_path)
+    """(``[H, W, 3]`` uint8 RGB, ``[H, W]`` {0, 1, 255}) of an image and its mask, checked to fit."""
+    image, mask = read_user_image(image_path, "image"), read_user_mask(mask_path, "mask")
+    check_same_size(mask, image, f"mask {mask_path}", f"image {image_path}")
     return image, mask
 
 
@@ -177,9 +177,12 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
     """Segment one object class in your own images, given K annotated supports.
 
     Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
-    ``masks/<name>.png`` (0 background, 255 ignore, any other value = the object);
-    ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Every query is paired with
-    all supports (sorted by file name). Queries without a mask get all-255 labels.
+    ``masks/<name>.png``; ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Masks
+    follow ``datamodules.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
+    background, 255 ignore, any other value the object); images are read as displayed (EXIF
+    orientation). Every query is paired with all supports (sorted by file name). ``predict`` segments
+    every query (those without a mask get all-255 labels); ``test`` scores only the queries with a
+    mask and names the others.
 
     Args:
         root: Folder holding ``supports/``, ``queries/`` and optionally ``masks/``.
@@ -216,6 +219,9 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
         self.fold, self.shot, self.image_size = fold, shot, image_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.test_episodes, self.seed, self.protocol, self.class_id = test_episodes, seed, protocol, class_id
+        self._dataset: FolderEpisodes | None = None
+
+    name = "folder"
 
     @property
     def base_classes(self) -> list[int]:
@@ -225,26 +231,44 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
     def novel_classes(self) -> list[int]:
         return [self.class_id]
 
+    @property
+    def query_dir(self) -> Path:
+        """The folder of the query images (``predict`` refuses to write its outputs inside it)."""
+        return self.root / "queries"
+
+    @property
+    def episode_shot(self) -> int | None:
+        """The number of supports every episode uses (known once a loader is built)."""
+        return len(self._dataset.supports) if self._dataset is not None else self.shot
+
     def eval_dataset(self, split: str = "predict") -> FolderEpisodes:
         return FolderEpisodes(
             self.root,
             TestTransform(self.image_size, get_protocol(self.protocol).square),
             self.class_id,
             self.shot,
+            scored_only=split == "test",
         )
 
     @property
     def failed(self) -> list[tuple[str, str]]:
         """(query file, reason) of every query left out of the last loader built."""
-        return getattr(self, "_dataset", None).failed if hasattr(self, "_dataset") else []
+        return self._dataset.failed if self._dataset is not None else []
 
     @property
     def unsupported(self) -> list[str]:
         """Files of ``supports/`` and ``queries/`` that are no image PIL reads (and no mask)."""
-        return getattr(self, "_dataset", None).unsupported if hasattr(self, "_dataset") else []
+        return self._dataset.unsupported if self._dataset is not None else []
 
-    def _loader(self) -> DataLoader:
-        self._dataset = self.eval_dataset()
+    def _loader(self, split: str) -> DataLoader:
+        self._dataset = self.eval_dataset(split)
+        if self._dataset.unscored:
+            n = len(self._dataset.unscored)
+            print(
+                f"{n} quer{'y' if n == 1 else 'ies'} without a mask not scored: "
+                + ", ".join(self._dataset.unscored),
+                file=sys.stderr,
+            )
         return DataLoader(
             self._dataset,
             batch_size=self.batch_size,
@@ -254,7 +278,7 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
         )
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader("predict")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader()
+        return self._loader("test")

@@ -23,6 +23,7 @@ import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.callbacks import BestCheckpoint
 from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
+from fewshot_seg.lightning.prediction import OutputError, PredictionWriter
 from fewshot_seg.lightning.results import run_dir
 
 DESCRIPTION = f"""\
@@ -128,6 +129,8 @@ class FewShotCLI(LightningCLI):
                 c for c in trainer.callbacks if "ProgressBar" not in str(getattr(c, "class_path", ""))
             ]
         logger = trainer.get("logger") if trainer is not None else None
+        if self.subcommand == "predict" and cfg.get("return_predictions") is None:
+            cfg.return_predictions = False  # PredictionWriter writes every batch; nothing is kept in memory
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = _resume_last(trainer, logger)
         if _wandb_available() or logger is None or logger is False:
@@ -168,8 +171,9 @@ class FewShotCLI(LightningCLI):
     def after_predict(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        folder = Path(getattr(self.model, "predict_dir", None) or run_dir(self.trainer) / "predictions")
-        print(f"predictions written to {folder}")
+        writers = [c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)]
+        if writers and writers[0].folder is not None:
+            print(f"predictions written to {writers[0].folder}")
         skipped = getattr(self.datamodule, "unsupported", [])
         if skipped:
             print(f"{len(skipped)} file(s) skipped, not an image format PIL reads: {', '.join(skipped)}")
@@ -248,7 +252,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
-USER_ERRORS = (CheckpointError, datamodules.DatasetError)
+USER_ERRORS = (CheckpointError, OutputError, datamodules.DatasetError)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -11,6 +11,21 @@ THRESHOLD = 0.5
 """Foreground where the merged map (or the chosen proposal's probability) exceeds this (SPEC §2 step 8)."""
 
 
+def resize_to_labels(
+    foreground: Tensor, valid_size: Tensor, label_sizes: Sequence[tuple[int, int]]
+) -> list[Tensor]:
+    """:func:`to_label_size` before the threshold: B float maps ``[h_i, w_i]``."""
+    maps = []
+    for fg, (h, w), size in zip(foreground.float(), valid_size.tolist(), label_sizes):
+        crop = fg[:h, :w]
+        if tuple(crop.shape) != tuple(size):
+            crop = F.interpolate(crop[None, None], size=tuple(size), mode="bilinear", align_corners=True)[
+                0, 0
+            ]
+        maps.append(crop)
+    return maps
+
+
 def to_label_size(
     foreground: Tensor,
     valid_size: Tensor,
@@ -33,12 +48,4 @@ def to_label_size(
     Returns:
         B bool tensors ``[h_i, w_i]``.
     """
-    preds = []
-    for fg, (h, w), size in zip(foreground.float(), valid_size.tolist(), label_sizes):
-        crop = fg[:h, :w]
-        if tuple(crop.shape) != tuple(size):
-            crop = F.interpolate(crop[None, None], size=tuple(size), mode="bilinear", align_corners=True)[
-                0, 0
-            ]
-        preds.append(crop > threshold)
-    return preds
+    return [m > threshold for m in resize_to_labels(foreground, valid_size, label_sizes)]

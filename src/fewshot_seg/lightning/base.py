@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,7 +15,7 @@ from fewshot_seg.evaluation import to_label_size
 from fewshot_seg.lightning.callbacks import FreezeModules
 from fewshot_seg.lightning.checkpoints import STAGE_KEY, CheckpointError
 from fewshot_seg.lightning.optim import build_optimizer, resolve_max_steps
-from fewshot_seg.lightning.prediction import write_predictions
+from fewshot_seg.lightning.prediction import PredictionWriter
 from fewshot_seg.lightning.provenance import (
     PROVENANCE_KEY,
     check_class_split,
@@ -61,6 +60,7 @@ class EpisodeModule(pl.LightningModule):
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
         allow_class_overlap: bool = False,
+        overwrite_predictions: bool = False,
     ) -> None:
         super().__init__()
         self.optim = optim
@@ -70,6 +70,7 @@ class EpisodeModule(pl.LightningModule):
         self._overlap: dict | None = None
         self.eval_class_ids = [int(c) for c in eval_class_ids] if eval_class_ids else None
         self.predict_dir = predict_dir
+        self.overwrite_predictions = overwrite_predictions
         self.frozen_modules: tuple[str, ...] = ()
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
@@ -95,7 +96,11 @@ class EpisodeModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         # The module brings its own freezing callback: forgetting it in a config must not
         # silently train the backbone or drift its BatchNorm statistics.
-        return [FreezeModules(self.frozen_modules)] if self.frozen_modules else []
+        # ``predict`` writes its outputs through a callback (Lightning's place for it): masks and overlays.
+        callbacks: list[pl.Callback] = [PredictionWriter(self.predict_dir, self.overwrite_predictions)]
+        if self.frozen_modules:
+            callbacks.insert(0, FreezeModules(self.frozen_modules))
+        return callbacks
 
     def backbone_features(self, images: Tensor) -> dict[str, Tensor]:
         """Backbone features; under ``no_grad`` when the backbone is frozen (SPEC §2)."""
@@ -269,7 +274,6 @@ class EpisodeModule(pl.LightningModule):
     # ------------------------------------------------------------------ prediction
     def on_predict_start(self) -> None:
         self._require_trained_weights("predict")
-        self._written: set[str] = set()  # output names of this predict run
         self._check_data("predict", trained_on(self._provenance))
 
     def on_validation_start(self) -> None:
@@ -281,14 +285,17 @@ class EpisodeModule(pl.LightningModule):
         self._require_trained_weights("test")
         self._check_data("test", trained_on(self._provenance))
 
-    def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> list[str]:
-        """Write each query's mask and overlay PNG (see :func:`write_predictions`); returns the paths."""
-        out_dir = Path(self.predict_dir or Path(run_dir(self.trainer)) / "predictions")
-        fg = self.evaluate(batch)[self.metric_names[0]]
+    def predict_foreground(self, batch: EpisodeBatch) -> Tensor:
+        """``[B, H, W]`` the map ``predict`` thresholds: the first of :attr:`metric_names`."""
+        return self.evaluate(batch)[self.metric_names[0]]
+
+    def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> list[Tensor]:
+        """B bool masks at each query's original size (or the protocol's scoring size), for
+        :class:`~fewshot_seg.lightning.prediction.PredictionWriter` to write."""
+        fg = self.predict_foreground(batch)
         sizes = (
             batch.original_sizes
             if batch.query_label_orig
             else [(int(h), int(w)) for h, w in batch.query_valid_size.tolist()]
         )
-        preds = to_label_size(fg, batch.query_valid_size, sizes)
-        return [str(p) for p in write_predictions(batch, preds, out_dir, batch_idx, self._written)]
+        return to_label_size(fg, batch.query_valid_size, sizes)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fewshot_seg.config import (
@@ -31,11 +29,10 @@ from fewshot_seg.lightning.checkpoints import (
 )
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
 from fewshot_seg.models.build import build_mask_matching
-from fewshot_seg.models.convert import CheckpointMismatchError, load_reference_checkpoint
+from fewshot_seg.models.convert import CheckpointMismatchError, has_mask_matching, load_reference_checkpoint
 from fewshot_seg.models.criterion import MaskMatchingCriterion
+from fewshot_seg.models.inference import encode_supports, segment_queries
 from fewshot_seg.models.selection import oracle_select, selected_foreground, top_cosine_select
-
-_REF_MM_KEY = re.compile(r"(conv_\d+|crossat_\d+|fc[12])\.")
 
 
 def resolve_architecture(
@@ -107,6 +104,8 @@ class MMModule(EpisodeModule):
         optim: optimiser, schedule and global batch (4 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
+        overwrite_predictions: let ``predict`` replace the outputs of an earlier run in ``predict_dir``
+            (refused by default, before anything is predicted).
         allow_class_overlap: see :class:`~fewshot_seg.lightning.base.EpisodeModule`; here also a stage-1
             model trained on another fold or dataset.
     """
@@ -126,6 +125,7 @@ class MMModule(EpisodeModule):
         optim: OptimizerConfig = OptimizerConfig(batch_size=4),
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
+        overwrite_predictions: bool = False,
         allow_class_overlap: bool = False,
     ) -> None:
         backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
@@ -134,8 +134,8 @@ class MMModule(EpisodeModule):
             coerce(MMLossConfig, loss),
             coerce(OptimizerConfig, optim),
         )
-        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap)
-        self.save_hyperparameters(ignore=["predict_dir"])
+        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap, overwrite_predictions)
+        self.save_hyperparameters(ignore=["predict_dir", "overwrite_predictions"])
         path = str(stage1_checkpoint) if stage1_checkpoint else ""
         self._stage1_missing = ""
         ckpt = None
@@ -258,7 +258,7 @@ class MMModule(EpisodeModule):
 
     def _load_reference(self, state: Mapping, path: str) -> None:
         inner = state.get("model", state) if isinstance(state.get("model", None), Mapping) else state
-        has_mm = any(_REF_MM_KEY.match(k.removeprefix("module.")) for k in inner)
+        has_mm = has_mask_matching(inner)
         if not any(k.removeprefix("module.").startswith("sem_seg_head.") for k in inner):
             raise Stage1CheckpointError(
                 f"stage1_checkpoint {path!r} is neither a POSModule Lightning checkpoint nor a reference "
@@ -276,22 +276,17 @@ class MMModule(EpisodeModule):
             self._weights_from = path
 
     # ------------------------------------------------------------------ forward
-    @torch.no_grad()
-    def proposals_and_features(self, batch: EpisodeBatch) -> tuple[dict, list[dict], Tensor]:
-        """Frozen part: query/support backbone features and POS logits (no graph is kept)."""
-        b, k = batch.batch_size, batch.shot
-        query_feats = self.backbone(batch.query_image)
-        logits = self.pos(query_feats)["pred_masks"]
-        sup = self.backbone(batch.support_images.flatten(0, 1))  # one pass for all B*K supports
-        sup = {name: f.unflatten(0, (b, k)) for name, f in sup.items()}
-        support_feats = [{name: f[:, i] for name, f in sup.items()} for i in range(k)]
-        return query_feats, support_feats, logits
-
     def forward(self, batch: EpisodeBatch) -> dict[str, Any]:
-        """Mask Matching outputs (``foreground [B, H, W]`` at input size, ``similarity``, ...)."""
-        query_feats, support_feats, logits = self.proposals_and_features(batch)
-        hw = (batch.query_image.shape[-2], batch.query_image.shape[-1])
-        return self.mm(query_feats, support_feats, batch.support_masks, logits.float(), image_size=hw)
+        """Mask Matching outputs (``foreground [B, H, W]`` at input size, ``similarity``, ...).
+
+        The inference path of :class:`fewshot_seg.Segmenter` too (``models.inference``): the backbone and
+        POS run frozen, under ``no_grad``.
+        """
+        supports = encode_supports(self.backbone, self.mm, batch.support_images, batch.support_masks)
+        return segment_queries(self.backbone, self.pos, self.mm, batch.query_image, supports)
+
+    def predict_foreground(self, batch: EpisodeBatch) -> Tensor:
+        return self(batch)["foreground"].float()
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch)

@@ -29,6 +29,8 @@ class POSModule(EpisodeModule):
         optim: optimiser, schedule and global batch (8 episodes per step in the paper).
         eval_class_ids: class ids to score; None = the DataModule's ``novel_classes``.
         predict_dir: where ``predict`` writes masks and overlays; None = ``<run dir>/predictions``.
+        overwrite_predictions: let ``predict`` replace the outputs of an earlier run in ``predict_dir``
+            (refused by default, before anything is predicted).
         allow_class_overlap: see :class:`~fewshot_seg.lightning.base.EpisodeModule`.
     """
 
@@ -44,12 +46,13 @@ class POSModule(EpisodeModule):
         optim: OptimizerConfig = OptimizerConfig(batch_size=8),
         eval_class_ids: list[int] | None = None,
         predict_dir: str | None = None,
+        overwrite_predictions: bool = False,
         allow_class_overlap: bool = False,
     ) -> None:
         backbone, pos = coerce(BackboneConfig, backbone), coerce(POSConfig, pos)
         loss, optim = coerce(POSLossConfig, loss), coerce(OptimizerConfig, optim)
-        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap)
-        self.save_hyperparameters(ignore=["predict_dir"])
+        super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap, overwrite_predictions)
+        self.save_hyperparameters(ignore=["predict_dir", "overwrite_predictions"])
         self._hparams_as_dicts()
         self.backbone_config = backbone
         self.frozen_modules = ("backbone",) if backbone.freeze else ()

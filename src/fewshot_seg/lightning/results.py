@@ -51,7 +51,8 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
         "stage": stage,
         "dataset": getattr(datamodule, "name", type(datamodule).__name__) if datamodule is not None else None,
         "fold": getattr(datamodule, "fold", None),
-        "shot": getattr(datamodule, "shot", None),
+        # A folder of supports knows its shot count only once read (``episode_shot``).
+        "shot": getattr(datamodule, "episode_shot", getattr(datamodule, "shot", None)),
         "miou": float(main["miou"]),
         "fbiou": float(main["fbiou"]),
         "class_iou": {str(c): float(v) for c, v in main["class_iou"].items()},

@@ -252,3 +252,31 @@ def load_reference_checkpoint(
     for module, new in plans:
         _apply(module, new)
     return report
+
+
+def has_mask_matching(state: Mapping[str, Tensor]) -> bool:
+    """Whether a reference state dict holds Mask Matching weights (a released stage-2 model)."""
+    return any(_MM_KEY.match(k.removeprefix("module.")) for k in state)
+
+
+_RESNET_BY_RES4_BLOCKS = {6: "resnet50", 23: "resnet101"}
+
+
+def reference_backbone_name(state: Mapping[str, Tensor]) -> str:
+    """``resnet50`` or ``resnet101``: a reference checkpoint's trunk, told by its number of res4 blocks.
+
+    Raises:
+        CheckpointMismatchError: the backbone keys fit neither depth (or are missing).
+    """
+    blocks = set()
+    for key in state:
+        m = re.match(r"(?:module\.)?backbone\.(?:res4|layer3)\.(\d+)\.", key)
+        if m:
+            blocks.add(int(m.group(1)))
+    name = _RESNET_BY_RES4_BLOCKS.get(len(blocks))
+    if name is None:
+        raise CheckpointMismatchError(
+            f"cannot tell the backbone: {len(blocks)} res4 blocks (ResNet-50 has 6, ResNet-101 has 23)",
+            LoadReport(),
+        )
+    return name

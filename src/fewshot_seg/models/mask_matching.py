@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,29 @@ from fewshot_seg.models.selection import upsample_to_image
 
 LEVELS = ("res5", "res4", "res3")
 SUPPORT_PROTO_EPS = 1e-7
+
+
+@dataclass
+class SupportLevel:
+    """One feature level of an encoded support set; every map is ``[K*Bs, C, h, w]``, shot-major."""
+
+    self_aligned: Tensor
+    """the backbone map after Self-Alignment (before the 1x1 reduction)."""
+    masked: Tensor
+    """the reduced map times the (bilinearly resized) support mask: the Cross-Alignment input."""
+    pos_masked: Tensor
+    """the positional encoding times the mask."""
+    proto_mask: Tensor
+    """``[K*Bs, 1, h, w]`` the mask resized with align_corners=True, for masked average pooling."""
+
+
+@dataclass
+class SupportEncoding:
+    """What :meth:`MaskMatching.encode_supports` computes once for K supports (Bs support sets)."""
+
+    shot: int
+    batch: int
+    levels: dict[str, SupportLevel]
 
 
 class SelfAlignment(nn.Module):
@@ -189,6 +213,38 @@ class MaskMatching(nn.Module):
         mask = F.pad(mask, (0, wp - ws, 0, hp - hs))
         return mask.transpose(0, 1).reshape(k * b, 1, hp, wp)  # shot-major, matching the stacked features
 
+    def encode_supports(
+        self, support_feats: list[dict[str, Tensor]], support_masks: Tensor
+    ) -> SupportEncoding:
+        """Everything of the head that depends on the supports alone (computed once per support set).
+
+        Args:
+            support_feats: K dicts ``res3/res4/res5`` of ``[Bs, C_l, h'_l, w'_l]`` (sizes may differ).
+            support_masks: ``[Bs, K, Hs, Ws]`` in {0, 1, 255} at the unpadded support image size.
+
+        Returns:
+            The per-level support maps after Self-Alignment, the 1x1 reduction and the mask; Bs is 1 when one
+            support set serves a whole batch of queries (:meth:`match` broadcasts it).
+        """
+        k = len(support_feats)
+        mask_full = self._support_mask(support_masks, support_feats[0]["res5"].shape[-2:])
+        levels = {}
+        for i, level in enumerate(self.levels):
+            conv: nn.Conv2d = getattr(self, f"conv_{i}")
+            # K shots stacked shot-major on the batch axis -> [K*Bs, ...].
+            s_sa = self.self_align(torch.cat([sf[level] for sf in support_feats], 0))
+            s = conv(s_sa)
+            s_hw = s.shape[-2:]
+            m = F.interpolate(mask_full, size=s_hw, mode="bilinear", align_corners=False)
+            levels[level] = SupportLevel(
+                self_aligned=s_sa,
+                masked=s * m,
+                pos_masked=self.pe_layer(s[:1]) * m,
+                # Prototype masks use align_corners=True, as the reference.
+                proto_mask=F.interpolate(mask_full, size=s_hw, mode="bilinear", align_corners=True),
+            )
+        return SupportEncoding(shot=k, batch=int(support_masks.shape[0]), levels=levels)
+
     def forward(
         self,
         query_feats: dict[str, Tensor],
@@ -198,7 +254,7 @@ class MaskMatching(nn.Module):
         image_size: tuple[int, int],
         return_intermediates: bool = False,
     ) -> dict[str, Tensor | dict]:
-        """Score and merge the POS proposals of a K-shot episode batch.
+        """Score and merge the POS proposals of K-shot episodes: :meth:`encode_supports`, then :meth:`match`.
 
         Args:
             query_feats: ``res3/res4/res5`` maps of the (padded) query, ``[B, C_l, h_l, w_l]``.
@@ -212,12 +268,25 @@ class MaskMatching(nn.Module):
             ``foreground [B, H, W]`` merged map (foreground where > 0.5), ``similarity [B, N]`` cosine S,
             ``coeff [B, N]``, ``proposals [B, N, Hp/4, Wp/4]`` sigmoid; plus ``intermediates`` on request.
         """
-        k = len(support_feats)
+        supports = self.encode_supports(support_feats, support_masks)
+        return self.match(query_feats, supports, proposal_logits, image_size, return_intermediates)
+
+    def match(
+        self,
+        query_feats: dict[str, Tensor],
+        supports: SupportEncoding,
+        proposal_logits: Tensor,
+        image_size: tuple[int, int],
+        return_intermediates: bool = False,
+    ) -> dict[str, Tensor | dict]:
+        """:meth:`forward` on encoded supports (their batch: the queries' B, or 1 = one set for all)."""
+        k = supports.shot
         b, n = proposal_logits.shape[:2]
         if n != self.num_proposals:
             raise ValueError(f"expected {self.num_proposals} proposals, got {n}")
+        if supports.batch not in (1, b):
+            raise ValueError(f"supports encoded for a batch of {supports.batch}, queries batch {b}")
         proposals = proposal_logits.sigmoid()
-        mask_full = self._support_mask(support_masks, support_feats[0]["res5"].shape[-2:])
 
         inter: dict[str, dict] = {
             key: {}
@@ -238,21 +307,17 @@ class MaskMatching(nn.Module):
         for i, level in enumerate(self.levels):
             conv: nn.Conv2d = getattr(self, f"conv_{i}")
             crossat: CrossAlignment = getattr(self, f"crossat_{i}")
+            sup = supports.levels[level]
             # Query branch (computed once, then shared by the K shots).
             q_sa = self.self_align(query_feats[level])
             q = conv(q_sa)
             pos_q = self.pe_layer(q[:1])
-            # Support branch: K shots stacked shot-major on the batch axis -> [K*B, ...].
-            s_sa = self.self_align(torch.cat([sf[level] for sf in support_feats], 0))
-            s = conv(s_sa)
-            s_hw = s.shape[-2:]
-            m = F.interpolate(mask_full, size=s_hw, mode="bilinear", align_corners=False)
-            s_masked = s * m
-            pos_s = self.pe_layer(s[:1]) * m
+            s_masked, pos_s = _per_query(sup.masked, k, b), _per_query(sup.pos_masked, k, b)
+            m_proto = _per_query(sup.proto_mask, k, b)
+            s_hw = s_masked.shape[-2:]
             q_out, s_out = crossat(q.repeat(k, 1, 1, 1), s_masked, pos_q, pos_s)
 
-            # Prototypes by masked average pooling (prototype masks use align_corners=True, as the reference).
-            m_proto = F.interpolate(mask_full, size=s_hw, mode="bilinear", align_corners=True)
+            # Prototypes by masked average pooling.
             proto_s = (s_out * m_proto).sum((2, 3)) / (m_proto.sum((2, 3)) + SUPPORT_PROTO_EPS)  # [K*B, C]
             props = F.interpolate(proposals, size=q.shape[-2:], mode="bilinear", align_corners=True)
             q_out = q_out.reshape(k, b, *q_out.shape[1:])
@@ -264,13 +329,15 @@ class MaskMatching(nn.Module):
 
             if return_intermediates:
                 inter["self_align_query"][level] = q_sa
-                inter["self_align_support"][level] = s_sa.reshape(k, b, *s_sa.shape[1:])
+                inter["self_align_support"][level] = _per_query(sup.self_aligned, k, b).reshape(
+                    k, b, *sup.self_aligned.shape[1:]
+                )
                 inter["reduced_query"][level] = q
                 inter["pos_query"][level] = pos_q.expand_as(q)
-                inter["support_masked"][level] = s_masked.reshape(k, b, *s.shape[1:])
-                inter["support_pos_masked"][level] = pos_s.reshape(k, b, *s.shape[1:])
+                inter["support_masked"][level] = s_masked.reshape(k, b, *s_masked.shape[1:])
+                inter["support_pos_masked"][level] = pos_s.reshape(k, b, *pos_s.shape[1:])
                 inter["cross_query"][level] = q_out
-                inter["cross_support"][level] = s_out.reshape(k, b, *s.shape[1:])
+                inter["cross_support"][level] = s_out.reshape(k, b, *s_out.shape[1:])
                 inter["proto_support_per_level"][level] = proto_s.reshape(k, b, -1)
                 inter["kv_hw"][level] = crossat.kv_sizes(q.shape[-2:], s_hw)
 
@@ -294,4 +361,18 @@ class MaskMatching(nn.Module):
         return out
 
 
-__all__ = ["CrossAlignment", "MaskMatching", "SelfAlignment", "kv_resize_hw"]
+def _per_query(x: Tensor, k: int, b: int) -> Tensor:
+    """``[K*Bs, ...]`` shot-major support maps -> ``[K*B, ...]``: a single set (Bs = 1) serves every query."""
+    if x.shape[0] == k * b:
+        return x
+    return x.reshape(k, 1, *x.shape[1:]).expand(k, b, *x.shape[1:]).reshape(k * b, *x.shape[1:])
+
+
+__all__ = [
+    "CrossAlignment",
+    "MaskMatching",
+    "SelfAlignment",
+    "SupportEncoding",
+    "SupportLevel",
+    "kv_resize_hw",
+]

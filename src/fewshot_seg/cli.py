@@ -1,4 +1,5 @@
-"""``fewshot-seg``: LightningCLI entry point (fit / validate / test / predict).
+"""``fewshot-seg``: LightningCLI entry point (fit / validate / test / predict), and the model tools
+(``segment``, ``serve``: ``fewshot_seg.tools``).
 
 Model and data are chosen by class path (``--model POSModule|MMModule``, ``--data SyntheticDataModule``
 ...) or by the YAML files in ``lightning_configs/`` (composable, in any order: ``-c a.yaml -c b.yaml``).
@@ -6,6 +7,7 @@ Model and data are chosen by class path (``--model POSModule|MMModule``, ``--dat
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -38,7 +40,14 @@ one trainer file, one data file and one stage file, in any order, e.g.
 then override any value: --data.init_args.fold=1, --model.init_args.optim.lr=3e-4, ...
 `fewshot-seg fit --model.help MMModule` / `--data.help Pascal5iDataModule` list a class's options.
 Paths (configs, data roots, checkpoints, run folders) are relative to the working directory.
+
+To use a trained stage-2 model on your own images (see `fewshot-seg segment --help`, `serve --help`):
+  fewshot-seg segment --ckpt stage2.ckpt --support a.jpg a_mask.png --queries photos/ --out masks/
+  fewshot-seg serve --ckpt stage2.ckpt            # a local page: paint a support, segment queries
 """
+
+TOOLS = {"segment": "fewshot_seg.tools.segment", "serve": "fewshot_seg.tools.serve"}
+"""Subcommands that are no LightningCLI run: plain argparse tools over a trained model."""
 
 
 def _quiet_known_warnings() -> None:
@@ -268,6 +277,9 @@ def user_error(err: BaseException) -> BaseException | None:
 
 def entry_point() -> None:
     """Console script ``fewshot-seg``: exit 0 on success; a user error prints one line and exits 2."""
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        tool = importlib.import_module(TOOLS[sys.argv[1]])
+        raise SystemExit(tool.main(sys.argv[2:]))
     try:
         main()
     except Exception as err:

@@ -1,0 +1,229 @@
+"""``fewshot-seg segment``: label a folder of images from a few annotated examples.
+
+    fewshot-seg segment --ckpt stage2.ckpt --support a.jpg a_mask.png [--support b.jpg b_mask.png ...] \\
+        --queries DIR_OR_FILES... --out OUT [--batch-size 8] [--device auto] [--overlay] [--overwrite]
+
+Writes ``OUT/<query path relative to its folder, without extension>_mask.png`` (0/255, at the query's
+displayed size; sub-folders kept; two queries that would share a name keep their extension:
+``a.jpg_mask.png``, ``a.png_mask.png``), ``..._overlay.png`` with ``--overlay``, and
+``OUT/manifest.csv`` (query, mask, foreground fraction, status). A second run skips the queries
+whose mask exists (``--overwrite`` redoes them); masks are written atomically, so an interrupted run
+never leaves a half-written mask that a later run would skip. A query that cannot be read is reported
+by name, every other one is written, and the exit status is then 1; a bad checkpoint or support stops
+with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from datamodules.errors import DatasetError
+from datamodules.user_images import image_extensions, is_mask_file, read_user_image
+from fewshot_seg.lightning.checkpoints import CheckpointError
+from fewshot_seg.lightning.prediction import OutputError, check_output_folder
+from fewshot_seg.segmenter import Segmenter, Supports
+from fewshot_seg.visualize import MAGENTA, overlay, to_pil
+
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ("query", "mask", "foreground_fraction", "status")
+
+
+@dataclass
+class Query:
+    """One query file and where its outputs go."""
+
+    path: Path
+    stem: str  # output stem relative to OUT: "sub/a" (or "sub/a.jpg" when "sub/a" is taken twice)
+    mask: Path
+    status: str = ""
+    fraction: float | None = None
+
+    @property
+    def overlay(self) -> Path:
+        return self.mask.with_name(self.mask.name.removesuffix("_mask.png") + "_overlay.png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fewshot-seg segment",
+        description="Segment every query image from K annotated supports with a stage-2 checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (or the authors' released file)")
+    parser.add_argument(
+        "--support",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("IMAGE", "MASK"),
+        help="a support image and its mask; repeat for K shots",
+    )
+    parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", default="32", choices=("32", "bf16"), help="bf16: autocast (CUDA)")
+    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: trained)")
+    parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
+    return parser.parse_args(argv)
+
+
+def collect_queries(sources: list[str], out: Path) -> tuple[list[Query], list[str]]:
+    """The query images of ``sources`` (files, or folders searched recursively) and the files skipped.
+
+    Mask files (``*_mask.*``) and everything under ``out`` are never queries.
+    """
+    exts = image_extensions()
+    out_resolved = out.resolve()
+    found: list[tuple[Path, str]] = []
+    skipped: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                if f.resolve().is_relative_to(out_resolved) or is_mask_file(f) or f.name.startswith("."):
+                    continue
+                if f.suffix.lower() in exts:
+                    found.append((f, f.relative_to(path).as_posix()))
+                else:
+                    skipped.append(str(f))
+        elif path.is_file() or not path.exists():  # a missing file is reported as a failed query
+            found.append((path, path.name))
+    stems = Counter(Path(rel).with_suffix("").as_posix() for _, rel in found)
+    queries, taken = [], set()
+    for f, rel in found:
+        stem = Path(rel).with_suffix("").as_posix()
+        if stems[stem] > 1:
+            stem = rel
+        base, n = stem, 2
+        while stem in taken:
+            stem, n = f"{base}-{n}", n + 1
+        taken.add(stem)
+        queries.append(Query(f, stem, out / f"{stem}_mask.png"))
+    return queries, skipped
+
+
+def _save_atomic(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_outputs(query: Query, image: np.ndarray, mask: np.ndarray, with_overlay: bool) -> None:
+    _save_atomic(Image.fromarray(mask * np.uint8(255)), query.mask)
+    if with_overlay:
+        tinted = overlay(
+            torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask.astype(bool)), MAGENTA
+        )
+        _save_atomic(
+            to_pil(tinted), query.mask.with_name(query.mask.name.replace("_mask.png", "_overlay.png"))
+        )
+    query.fraction = float(mask.mean())
+    query.status = "written"
+
+
+def segment_folder(
+    segmenter: Segmenter,
+    supports: Supports,
+    queries: list[Query],
+    batch_size: int = 8,
+    with_overlay: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Segment ``queries`` in batches, setting each one's ``status`` (written / exists / failed: why)."""
+    todo = []
+    for q in queries:
+        if q.mask.is_file() and not overwrite:
+            q.status = "exists"
+            q.fraction = float((np.asarray(Image.open(q.mask)) > 0).mean())
+        else:
+            todo.append(q)
+    with tqdm(total=len(todo), desc="segment", unit="image", file=sys.stderr, disable=not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = []
+            for q in todo[start : start + batch_size]:
+                try:
+                    batch.append((q, read_user_image(q.path, "query")))
+                except DatasetError as err:
+                    q.status = f"failed: {err}"
+                    bar.update(1)
+            if batch:
+                masks = segmenter.segment_arrays([img for _, img in batch], supports)
+                for (q, img), mask in zip(batch, masks):
+                    _write_outputs(q, img, mask, with_overlay)
+                bar.update(len(batch))
+
+
+def write_manifest(queries: list[Query], out: Path) -> Path:
+    path = out / MANIFEST
+    tmp = out / f".{MANIFEST}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_FIELDS)
+        for q in queries:
+            fraction = "" if q.fraction is None else f"{q.fraction:.6f}"
+            mask = q.mask.relative_to(out).as_posix() if q.status in ("written", "exists") else ""
+            writer.writerow([str(q.path), mask, fraction, q.status or "not run"])
+    os.replace(tmp, path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.batch_size < 1:
+        raise OutputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_folder(out)
+    queries, skipped = collect_queries(args.queries, out)
+    if not queries:
+        raise DatasetError(f"no query image found in {' '.join(args.queries)}")
+    try:
+        segmenter = Segmenter.from_checkpoint(args.ckpt, args.device, args.image_size, args.precision)
+    except ValueError as err:  # device / precision / image size
+        raise OutputError(str(err)) from err
+    images, masks = zip(*args.support)
+    supports = segmenter.encode_supports(list(images), list(masks))
+    try:
+        segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
+    finally:
+        manifest = write_manifest(queries, out)
+    counts = Counter(q.status.split(":")[0] for q in queries)
+    print(
+        f"{counts['written']} mask(s) written, {counts['exists']} already there (--overwrite redoes them), "
+        f"{counts['failed']} failed; manifest: {manifest}"
+    )
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped, not an image format PIL reads: {', '.join(skipped)}")
+    failed = [q for q in queries if q.status.startswith("failed")]
+    for q in failed:
+        print(f"  {q.path}: {q.status.removeprefix('failed: ')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+USER_ERRORS = (CheckpointError, DatasetError, OutputError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all written, 1 some query failed (the others written), 2 a user error (one line)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

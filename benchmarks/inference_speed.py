@@ -1,0 +1,172 @@
+"""Inference speed: today's ``predict`` path against :class:`fewshot_seg.Segmenter`, side by side in one run.
+
+    python benchmarks/inference_speed.py                       # paper size (ResNet-50, N = 100, 480), CPU
+    python benchmarks/inference_speed.py --queries 16 --device cuda
+    python benchmarks/inference_speed.py --smoke               # demo size at 128, same code paths: seconds
+
+Rows, at 1 and 5 shots, over the same ``--queries`` VOC-sized query images (500x375, uint8):
+
+* **predict path**: what ``fewshot-seg predict`` runs per query (batch 1): the episode built as the
+  DataModule builds it (``TestTransform``, normalisation, supports included), ``MMModule.predict_step``
+  (backbone on the query *and* the K supports, POS, Mask Matching, resize to the image), no file writing.
+* **Segmenter batch 1 / batch 8**: ``encode_supports`` once (its time included), then ``segment_arrays``
+  on batches of queries.
+
+queries/s = queries / total seconds (best of ``--repeats``, each round alternating the paths so that a
+change of machine load hits them alike). A second table splits the Mask Matching head at K shots into
+its support part (``encode_supports``: Self-Alignment, 1x1 reduction, masks and positional maps) and its
+query part (``match``), on backbone features computed beforehand. Random weights: speed does not depend
+on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import DEMO, PAPER, ModelConfig
+
+from datamodules.episodes import episode_sample
+from datamodules.transforms import TestTransform
+from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
+from fewshot_seg.segmenter import Segmenter
+
+
+def _images(n: int, seed: int, hw: tuple[int, int]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (*hw, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _masks(n: int, hw: tuple[int, int]) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        m = np.zeros(hw, np.uint8)
+        m[hw[0] // 4 : hw[0] // 2 + 10 * i, hw[1] // 4 : 3 * hw[1] // 4] = 1
+        out.append(m)
+    return out
+
+
+def predict_path(module: torch.nn.Module, size: int, supports, queries, device: torch.device) -> None:
+    """Batch-1 episodes as the folder DataModule builds them, through ``MMModule.predict_step``."""
+    transform = TestTransform(size)
+    sup = [(img, lab) for img, lab, _ in (transform(i, m) for i, m in supports)]  # cached, as FolderEpisodes
+    for query in queries:
+        q_img, q_lab, valid = transform(query, np.full(query.shape[:2], IGNORE_INDEX, np.uint8))
+        sample = episode_sample(q_img, q_lab, sup, 1, (), valid, np.zeros(query.shape[:2], np.uint8), "q", [])
+        batch = collate_episodes([sample]).to(device)
+        with torch.no_grad():
+            module.predict_step(batch, 0)
+
+
+def segmenter_path(seg: Segmenter, supports, queries, batch_size: int) -> None:
+    encoded = seg.encode_supports([i for i, _ in supports], [m for _, m in supports])
+    for start in range(0, len(queries), batch_size):
+        seg.segment_arrays(queries[start : start + batch_size], encoded)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def speed_table(cfg: ModelConfig, size: int, n_queries: int, repeats: int, device: torch.device) -> list[str]:
+    torch.manual_seed(0)
+    module = cfg.mm_module().eval().to(device)
+    seg = Segmenter(module.backbone, module.pos, module.mm, image_size=size, device=device)
+    queries = _images(n_queries, 1, (375, 500))
+    lines = [
+        "| shots | path | queries/s | s/query | vs predict path |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for shot in (1, 5):
+        supports = list(zip(_images(shot, 2, (375, 500)), _masks(shot, (375, 500))))
+        paths = {
+            "predict path (batch 1)": lambda s=supports: predict_path(module, size, s, queries, device),
+            "Segmenter batch 1": lambda s=supports: segmenter_path(seg, s, queries, 1),
+            "Segmenter batch 8": lambda s=supports: segmenter_path(seg, s, queries, 8),
+        }
+        segmenter_path(seg, supports, queries[:2], 2)  # warm-up (allocator, lazy init)
+        predict_path(module, size, supports, queries[:1], device)
+        best = {name: float("inf") for name in paths}
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                best[name] = min(best[name], _seconds(fn, device))
+        base = n_queries / best["predict path (batch 1)"]
+        for name, seconds in best.items():
+            rate = n_queries / seconds
+            lines.append(f"| {shot} | {name} | {rate:.3f} | {seconds / n_queries:.2f} | {rate / base:.2f}x |")
+    return lines
+
+
+def head_table(cfg: ModelConfig, size: int, repeats: int, device: torch.device) -> list[str]:
+    """Mask Matching head alone at 1..5 shots: support part vs query part (features given)."""
+    torch.manual_seed(0)
+    module = cfg.mm_module().eval().to(device)
+    mm = module.mm
+    images = torch.randn(1, 3, size, size, device=device)
+    lines = [
+        "| shots | MM head (ms) | support part (ms) | query part (ms) | head / 1-shot head |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    with torch.no_grad():
+        q_feats = module.backbone(images)
+        logits = module.pos(q_feats)["pred_masks"].float()
+        first = None
+        for shot in (1, 2, 3, 4, 5):
+            sup_imgs = torch.randn(1, shot, 3, size, size, device=device)
+            masks = (torch.rand(1, shot, size, size, device=device) > 0.5).long()
+            feats = module.backbone(sup_imgs.flatten(0, 1))
+            per_shot = [{k: v[i : i + 1] for k, v in feats.items()} for i in range(shot)]
+            mm.encode_supports(per_shot, masks)  # warm-up
+            enc_t, match_t = [], []
+            for _ in range(repeats):
+                enc_t.append(_seconds(lambda f=per_shot, m=masks: mm.encode_supports(f, m), device))
+                encoded = mm.encode_supports(per_shot, masks)
+                match_t.append(_seconds(lambda e=encoded: mm.match(q_feats, e, logits, (size, size)), device))
+            enc, match = min(enc_t), min(match_t)
+            first = first or (enc + match)
+            lines.append(
+                f"| {shot} | {(enc + match) * 1e3:.0f} | {enc * 1e3:.0f} | {match * 1e3:.0f} | "
+                f"{(enc + match) / first:.2f}x |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="demo model at 128 px, 2 queries, 1 repeat")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg, size = (DEMO, 128) if args.smoke else (PAPER, 480)
+    n, repeats = (2, 1) if args.smoke else (args.queries, args.repeats)
+    print(f"{cfg.name} at {size}, device={device}, threads={args.threads}, {n} queries, best of {repeats}")
+    print("\n".join(speed_table(cfg, size, n, repeats, device)), flush=True)
+    print()
+    print("\n".join(head_table(cfg, size, repeats, device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

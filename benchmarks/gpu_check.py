@@ -3,11 +3,12 @@
     python benchmarks/gpu_check.py [--out gpu_check.md]     # make gpu-check; about 5 minutes on one H100/H200
     python benchmarks/gpu_check.py --smoke                  # the same code paths, tiny, on CPU, < 1 minute
 
-Prints and writes (``--out``) four tables:
+Prints and writes (``--out``) these tables:
 
 1. paper-size stage-1 (batch 8) and stage-2 (batch 4, 1-shot) training step: median time and peak GPU
    memory for ``32-true``, ``bf16-mixed`` and ``16-mixed`` (autocast + gradient scaler, as Lightning);
-2. inference episodes/s (the MM forward with backbone and POS), 1-shot and 5-shot, batch 1 and 8, 480 x 480;
+2. inference episodes/s (the MM forward with backbone and POS), 1-shot and 5-shot, batch 1 and 8, 480 x 480,
+   and ``benchmarks/inference_speed.py``'s tables (the predict path against ``Segmenter``);
 3. every deformable-attention implementation: forward and forward+backward time, and its largest
    difference from the per-level loop (values, sampling-location and attention-weight gradients);
 4. a 50-step real ``fewshot-seg fit`` (stage 1) + ``fit`` (stage 2) + ``test`` through the CLI with
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference_speed
 from model_speed import DEMO, PAPER, _row_fn, _time, deform_attn_rows
 
 from fewshot_seg import config_dir
@@ -67,6 +69,14 @@ def inference_table(device: torch.device, smoke: bool, repeats: int) -> list[str
                 seconds = _time(fn, repeats, device)
                 rows.append(f"| {shot} | {batch} | {precision} | {batch / seconds:.1f} |")
     return rows
+
+
+def segmenter_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    """``benchmarks/inference_speed.py``'s tables: the predict path vs Segmenter, and the MM head split."""
+    cfg, size = (DEMO, 64) if smoke else (PAPER, 480)
+    queries = 2 if smoke else 32
+    speed = inference_speed.speed_table(cfg, size, queries, min(repeats, 3), device)
+    return [*speed, "", *inference_speed.head_table(cfg, size, repeats, device)]
 
 
 def deform_attn_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
@@ -211,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [
         ("Training step", train_step_table),
         ("Inference (backbone + POS + Mask Matching)", inference_table),
+        ("Segmenter vs the predict path (supports encoded once, batched queries)", segmenter_table),
         ("Deformable attention", deform_attn_table),
     ]
     out: list[str] = header

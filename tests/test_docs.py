@@ -5,7 +5,8 @@ Commands are the lines of the fenced blocks marked ```bash (a trailing backslash
 
 * ``fewshot-seg <sub> ...``: ``fewshot_seg.cli.main([<sub>, ..., "--print_config"])`` must exit 0 (the
   arguments are parsed and validated, no class is instantiated). A command asking for help
-  (``--help``, ``--data.help <Class>``) runs as written and must exit 0.
+  (``--help``, ``--data.help <Class>``) runs as written and must exit 0. The model tools
+  (``fewshot-seg segment|serve ...``, ``fewshot_seg.cli.TOOLS``) must parse their arguments.
 * ``make <target> [VAR=value ...]``: ``make -n`` (dry run) with the same arguments must exit 0.
 * ``python -m <module> ...`` / ``python <script>.py ...``: the module or script, run as ``__main__`` with
   ``--help`` instead of its arguments, must exit 0.
@@ -23,6 +24,7 @@ commands only, and ```text / ```yaml / ```python for everything else.
 
 from __future__ import annotations
 
+import importlib
 import re
 import runpy
 import shlex
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshot_seg.cli import main
+from fewshot_seg.cli import TOOLS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -105,6 +107,15 @@ def _is_help(args: list[str]) -> bool:
 
 
 def _check_cli(args: list[str], where: str, capsys: pytest.CaptureFixture) -> None:
+    if args and args[0] in TOOLS:
+        tool = importlib.import_module(TOOLS[args[0]])
+        if _is_help(args):
+            with pytest.raises(SystemExit) as exit_info:
+                tool.parse_args(args[1:])
+            assert exit_info.value.code in (0, None), f"{where}: fewshot-seg {shlex.join(args)}"
+        else:
+            tool.parse_args(args[1:])  # argparse exits 2 on arguments it does not take
+        return
     run = args if _is_help(args) else [*args, "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
         main(run)

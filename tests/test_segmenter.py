@@ -43,7 +43,7 @@ def segmenter(stage2_ckpt: Path) -> Segmenter:
     return Segmenter.from_checkpoint(stage2_ckpt, device="cpu")
 
 
-def test_equals_predict(segmenter: Segmenter, stage1_ckpt: Path, stage2_ckpt: Path, tmp_path: Path) -> None:
+def test_equals_predict(segmenter: Segmenter, stage2_ckpt: Path, tmp_path: Path) -> None:
     files = _episode(tmp_path / "episode")
     assert segmenter.image_size == 64  # the size the checkpoint was trained at
     main(
@@ -53,8 +53,7 @@ def test_equals_predict(segmenter: Segmenter, stage1_ckpt: Path, stage2_ckpt: Pa
             "--data=datamodules.FolderEpisodeDataModule",
             *run_dir_args(tmp_path / "runs"),
             f"--data.root={tmp_path / 'episode'}",
-            "--data.image_size=64",
-            f"--model.init_args.stage1_checkpoint={stage1_ckpt}",
+            "--data.image_size=64",  # no stage1_checkpoint: a stage-2 checkpoint is self-contained
             f"--model.init_args.predict_dir={tmp_path / 'png'}",
             f"--ckpt_path={stage2_ckpt}",
         ]

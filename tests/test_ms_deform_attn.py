@@ -113,14 +113,34 @@ def test_core_samples_pixel_centres_exactly(impl: str) -> None:
 
 
 def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fewshot_seg.config import POSConfig
+    from fewshot_seg.models.build import build_pos
+    from fewshot_seg.models.ms_deform_attn import MSDeformAttn
+
+    def impls(pos: torch.nn.Module) -> set:
+        return {m.impl for m in pos.modules() if isinstance(m, MSDeformAttn)}
+
     monkeypatch.delenv(IMPL_ENV, raising=False)
     assert default_impl(torch.device("cpu")) == "gather"
     assert default_impl(torch.device("cuda")) == "grid_sample"
-    monkeypatch.setenv(IMPL_ENV, "loop")
-    assert default_impl(torch.device("cpu")) == "loop"
+    channels = {"res2": 8, "res3": 16, "res4": 32, "res5": 64}
+    small = {
+        "dim": 32,
+        "heads": 2,
+        "enc_layers": 2,
+        "enc_ffn": 32,
+        "dec_layers": 1,
+        "dec_ffn": 32,
+        "norm_groups": 8,
+    }
+    assert impls(build_pos(POSConfig(**small), channels)) == {None}  # by device, at each call
+    assert impls(build_pos(POSConfig(**small, deform_attn="loop"), channels)) == {"loop"}  # a model setting
+    monkeypatch.setenv(IMPL_ENV, "grid_sample")  # the override, read when a module is built
+    assert impls(build_pos(POSConfig(**small, deform_attn="loop"), channels)) == {"grid_sample"}
+    assert default_impl(torch.device("cpu")) == "gather"  # no longer read on every call
     monkeypatch.setenv(IMPL_ENV, "fast")
     with pytest.raises(ValueError, match=IMPL_ENV):
-        default_impl(torch.device("cpu"))
+        MSDeformAttn(32, 3, 2, 4)
     value, shapes, loc, weights = _random_inputs()
     with pytest.raises(ValueError, match="unknown implementation"):
         ms_deform_attn_core(value, shapes, loc, weights, impl="fast")
@@ -175,9 +195,9 @@ def test_runs_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     core = msda.ms_deform_attn_core
 
-    def spy(value, shapes, loc, weights):
+    def spy(value, shapes, loc, weights, impl=None):
         seen.append((value.dtype, loc.dtype, weights.dtype))
-        return core(value, shapes, loc, weights)
+        return core(value, shapes, loc, weights, impl=impl)
 
     monkeypatch.setattr(msda, "ms_deform_attn_core", spy)
     attn = MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)

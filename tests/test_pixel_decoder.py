@@ -35,9 +35,9 @@ def test_golden_outputs_and_intermediates(monkeypatch: pytest.MonkeyPatch) -> No
     core_inputs = []
     core = msda.ms_deform_attn_core
 
-    def spy(value, shapes, loc, weights):
+    def spy(value, shapes, loc, weights, impl=None):
         core_inputs.append((loc, weights))
-        return core(value, shapes, loc, weights)
+        return core(value, shapes, loc, weights, impl=impl)
 
     monkeypatch.setattr(msda, "ms_deform_attn_core", spy)
     layer0 = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -66,6 +66,9 @@ class POSConfig:
         dec_layers: masked-attention decoder layers (9 in the code; the paper text says 3).
         dec_ffn: FFN width of the decoder.
         norm_groups: GroupNorm groups of the pixel decoder (must divide ``dim``).
+        deform_attn: the deformable-attention implementation ("gather", "grid_sample", "loop"); None =
+            by device (gather on CPU, grid_sample on GPUs). Same weights, same results up to float
+            rounding: not part of the architecture (a stage-2 model may choose another than stage 1's).
     """
 
     num_queries: int = 100
@@ -76,6 +79,7 @@ class POSConfig:
     dec_layers: int = 9
     dec_ffn: int = 2048
     norm_groups: int = 32
+    deform_attn: Literal["gather", "grid_sample", "loop"] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,15 @@ def as_dict(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+RUNTIME_FIELDS = frozenset({"deform_attn"})
+"""Fields that choose how a network computes, not what its weights are: never an architecture conflict."""
+
+
 def differences(given: Any, recorded: Any) -> list[str]:
-    """``"field: recorded vs given"`` for every field where two configs of one type differ."""
+    """``"field: recorded vs given"`` for every architecture field where two configs of one type differ."""
     a, b = as_dict(recorded), as_dict(given)
-    return [f"{k}: {a[k]!r} (checkpoint) vs {b.get(k)!r} (model)" for k in a if a[k] != b.get(k)]
+    return [
+        f"{k}: {a[k]!r} (checkpoint) vs {b.get(k)!r} (model)"
+        for k in a
+        if k not in RUNTIME_FIELDS and a[k] != b.get(k)
+    ]

@@ -24,12 +24,15 @@ from fewshot_seg.lightning.provenance import (
     merge_trained_on,
     trained_on,
 )
-from fewshot_seg.lightning.results import format_class_table, run_dir, summarize, write_results
+from fewshot_seg.lightning.results import report_results, summarize
 from fewshot_seg.metrics import FewShotIoU
 from fewshot_seg.models.backbone import build_backbone
 from fewshot_seg.models.build import build_pos
 from fewshot_seg.models.freezing import freeze
 from fewshot_seg.visualize import prediction_row
+
+SPLITS = ("val", "test")
+"""The evaluated splits, each with its own metrics (``EpisodeModule.metrics``)."""
 
 
 class EpisodeModule(pl.LightningModule):
@@ -72,8 +75,15 @@ class EpisodeModule(pl.LightningModule):
         self.predict_dir = predict_dir
         self.overwrite_predictions = overwrite_predictions
         self.frozen_modules: tuple[str, ...] = ()
-        self.val_metrics = nn.ModuleDict()
-        self.test_metrics = nn.ModuleDict()
+        self.backbone_config: BackboneConfig | None = None
+        """set by a stage whose backbone may train (its ``lr_mult`` then applies)."""
+        self.metrics = nn.ModuleDict({split: nn.ModuleDict() for split in SPLITS})
+        """``metrics[split][name]``: one FewShotIoU per metric name, created by :meth:`setup`."""
+        self.weights_from: str | None = None
+        """where this module's trained weights came from (a checkpoint), None while untrained."""
+        self.test_results: dict | None = None
+        """the last test's summary (results.json)."""
+        self._test_started = 0.0
 
     def _hparams_as_dicts(self) -> None:
         """Store the saved configuration objects as plain dicts: checkpoints then load with
@@ -111,12 +121,11 @@ class EpisodeModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> dict:
-        backbone_cfg = getattr(self, "backbone_config", None)
         return build_optimizer(
             self,
             self.optim,
             max_steps=resolve_max_steps(self.optim.max_steps, self._trainer),
-            lr_mult={"backbone": backbone_cfg.lr_mult} if backbone_cfg is not None else None,
+            lr_mult={"backbone": self.backbone_config.lr_mult} if self.backbone_config is not None else None,
         )
 
     # ------------------------------------------------------------------ provenance
@@ -146,7 +155,7 @@ class EpisodeModule(pl.LightningModule):
         return {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._weights_from = "checkpoint"
+        self.weights_from = "checkpoint"
         self._provenance = checkpoint.get(PROVENANCE_KEY)
 
     def on_fit_start(self) -> None:
@@ -155,7 +164,7 @@ class EpisodeModule(pl.LightningModule):
 
     def _require_trained_weights(self, command: str) -> None:
         """Refuse to evaluate a model built without trained weights (a forgotten ``--ckpt_path``)."""
-        if getattr(self, "_weights_from", None) is None:
+        if self.weights_from is None:
             raise CheckpointError(
                 f"`{command}` needs trained {type(self).__name__} weights: pass --ckpt_path=<checkpoint of "
                 f"a {type(self).__name__} fit> (this model was built without any)"
@@ -179,16 +188,13 @@ class EpisodeModule(pl.LightningModule):
                     "the model's eval_class_ids"
                 )
             return
-        for split in ("val", "test"):
-            metrics: nn.ModuleDict = getattr(self, f"{split}_metrics")
-            current = next(iter(metrics.values()), None)
+        for split in SPLITS:
+            current = next(iter(self.metrics[split].values()), None)
             if current is None or current.class_ids != ids:
-                setattr(
-                    self, f"{split}_metrics", nn.ModuleDict({n: FewShotIoU(ids) for n in self.metric_names})
-                )
+                self.metrics[split] = nn.ModuleDict({n: FewShotIoU(ids) for n in self.metric_names})
 
     def _reset(self, split: str) -> None:
-        for metric in getattr(self, f"{split}_metrics").values():
+        for metric in self.metrics[split].values():
             metric.reset()
 
     def evaluate(self, batch: EpisodeBatch) -> dict[str, Tensor]:  # pragma: no cover - abstract
@@ -196,7 +202,7 @@ class EpisodeModule(pl.LightningModule):
 
     def _eval_step(self, batch: EpisodeBatch, split: str, batch_idx: int) -> None:
         maps = self.evaluate(batch)
-        metrics = getattr(self, f"{split}_metrics")
+        metrics = self.metrics[split]
         for name, fg in maps.items():
             preds = to_label_size(fg, batch.query_valid_size, batch.original_sizes)
             metrics[name].update(preds, batch.query_label_orig, batch.class_id)
@@ -208,7 +214,7 @@ class EpisodeModule(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._reset("test")
-        self._test_start = time.perf_counter()
+        self._test_started = time.perf_counter()
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val", batch_idx)
@@ -218,7 +224,7 @@ class EpisodeModule(pl.LightningModule):
 
     def _compute(self, split: str) -> dict[str, dict]:
         """Every metric of ``split`` over all processes, logged as ``<split>/[name_]miou|fbiou``."""
-        results = {name: m.compute() for name, m in getattr(self, f"{split}_metrics").items()}
+        results = {name: m.compute() for name, m in self.metrics[split].items()}
         flat = {}
         for name, res in results.items():
             prefix = "" if name == "model" else f"{name}_"
@@ -239,7 +245,7 @@ class EpisodeModule(pl.LightningModule):
             results,
             stage=self.stage,
             datamodule=dm,
-            wall_time_s=time.perf_counter() - getattr(self, "_test_start", time.perf_counter()),
+            wall_time_s=time.perf_counter() - self._test_started,
         )
         summary["provenance"] = {
             "model": {k: v for k, v in (self._provenance or {}).items() if k != "config"},
@@ -249,11 +255,7 @@ class EpisodeModule(pl.LightningModule):
             "test_run": {**code_version(), "config": self.run_config},
         }
         self.test_results = summary
-        if self.trainer.is_global_zero:
-            print(format_class_table(summary))
-            folder = run_dir(self.trainer)
-            write_results(summary, folder)
-            print(f"results written to {folder / 'results.json'}")
+        report_results(summary, self.trainer)
 
     # ------------------------------------------------------------------ pictures
     def _log_pictures(self, batch: EpisodeBatch, maps: dict[str, Tensor], split: str, n: int = 4) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -28,9 +29,8 @@ from fewshot_seg.lightning.checkpoints import (
     recorded_hparams,
 )
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
-from fewshot_seg.models.build import build_mask_matching
+from fewshot_seg.models.build import build_mask_matching, build_mm_criterion
 from fewshot_seg.models.convert import CheckpointMismatchError, has_mask_matching, load_reference_checkpoint
-from fewshot_seg.models.criterion import MaskMatchingCriterion
 from fewshot_seg.models.inference import encode_supports, segment_queries
 from fewshot_seg.models.selection import oracle_select, selected_foreground, top_cosine_select
 
@@ -69,7 +69,18 @@ def resolve_architecture(
             f"sets: {'; '.join(conflicts)}. Leave `backbone` and `pos` unset (null): stage 2 takes them "
             "from the stage-1 checkpoint."
         )
-    return rec_backbone or backbone or BackboneConfig(), rec_pos or pos or POSConfig()
+    resolved_pos = rec_pos or pos or POSConfig()
+    if pos is not None and rec_pos is not None:  # the given run-time choices (RUNTIME_FIELDS) win
+        resolved_pos = replace(resolved_pos, deform_attn=pos.deform_attn)
+    return rec_backbone or backbone or BackboneConfig(), resolved_pos
+
+
+def _read_stage1(path: str) -> Mapping[str, Any]:
+    """The stage-1 checkpoint file; its problems as :class:`Stage1CheckpointError` (cause kept)."""
+    try:
+        return read_checkpoint(path, "stage1_checkpoint")
+    except CheckpointError as err:
+        raise Stage1CheckpointError(str(err)) from err
 
 
 def _without_config(record: Mapping | None) -> dict | None:
@@ -137,17 +148,11 @@ class MMModule(EpisodeModule):
         super().__init__(optim, eval_class_ids, predict_dir, allow_class_overlap, overwrite_predictions)
         self.save_hyperparameters(ignore=["predict_dir", "overwrite_predictions"])
         path = str(stage1_checkpoint) if stage1_checkpoint else ""
-        self._stage1_missing = ""
-        ckpt = None
-        if path:
-            try:
-                ckpt = read_checkpoint(path, "stage1_checkpoint")
-            except CheckpointError as err:
-                if "does not exist" not in str(err) or backbone is None or pos is None:
-                    raise Stage1CheckpointError(str(err)) from None
-                # A model rebuilt from a stage-2 checkpoint: the architecture is recorded, the weights
-                # come with that checkpoint; the stage-1 path is provenance only.
-                self._stage1_missing = path
+        # A model rebuilt from a stage-2 checkpoint has its architecture given and its weights coming with
+        # that checkpoint: a stage-1 file gone since is provenance only (checked when weights are needed).
+        rebuilt = backbone is not None and pos is not None
+        self._stage1_missing = path if path and rebuilt and not os.path.exists(path) else ""
+        ckpt = _read_stage1(path) if path and not self._stage1_missing else None
         if ckpt is not None and is_lightning_checkpoint(ckpt):
             check_stage1(ckpt, path)
         backbone, pos = resolve_architecture(backbone, pos, ckpt, path)
@@ -160,9 +165,7 @@ class MMModule(EpisodeModule):
         self.frozen_modules = ("backbone", "pos")
         self._build_backbone_and_pos(backbone, pos, None if path else backbone.weights, frozen_bn=True)
         self.mm = build_mask_matching(mm, self.backbone.out_channels, pos.num_queries)
-        self.criterion = MaskMatchingCriterion(
-            dice_weight=loss.dice_weight, contrastive_weight=loss.contrastive_weight
-        )
+        self.criterion = build_mm_criterion(loss)
         self._stage1 = {"checkpoint": path or None, "provenance": ckpt.get(PROVENANCE_KEY) if ckpt else None}
         if ckpt is not None:
             self._load_stage1_state(ckpt, path)
@@ -170,7 +173,7 @@ class MMModule(EpisodeModule):
 
     # ------------------------------------------------------------------ stage-1 weights
     def _require_trained_weights(self, command: str) -> None:
-        if self._stage1_missing and getattr(self, "_weights_from", None) is None:
+        if self._stage1_missing and self.weights_from is None:
             raise Stage1CheckpointError(
                 f"stage1_checkpoint {self._stage1_missing!r} does not exist, and no --ckpt_path gives "
                 f"this model's weights for `{command}`"
@@ -178,7 +181,7 @@ class MMModule(EpisodeModule):
         super()._require_trained_weights(command)
 
     def on_fit_start(self) -> None:
-        if self._stage1_missing and getattr(self, "_weights_from", None) is None:
+        if self._stage1_missing and self.weights_from is None:
             self._require_trained_weights("fit")
         super().on_fit_start()
 
@@ -196,10 +199,7 @@ class MMModule(EpisodeModule):
         The checkpoint must fit this module's (already built) shapes; its recorded settings are
         checked against this module's as at construction.
         """
-        try:
-            ckpt = read_checkpoint(path, "stage1_checkpoint")
-        except CheckpointError as err:
-            raise Stage1CheckpointError(str(err)) from None
+        ckpt = _read_stage1(path)
         if is_lightning_checkpoint(ckpt):
             check_stage1(ckpt, path)
             resolve_architecture(
@@ -273,7 +273,7 @@ class MMModule(EpisodeModule):
                 f"reference checkpoint {path!r} does not fit this model: {err}"
             ) from err
         if has_mm:  # a released stage-2 model: every weight is trained
-            self._weights_from = path
+            self.weights_from = path
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: EpisodeBatch) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from torch import Tensor
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
-from fewshot_seg.models.criterion import POSCriterion, semantic_to_targets
+from fewshot_seg.models.build import build_pos_criterion
+from fewshot_seg.models.criterion import semantic_to_targets
 from fewshot_seg.models.selection import oracle_select, selected_foreground
 
 
@@ -57,19 +58,15 @@ class POSModule(EpisodeModule):
         self.backbone_config = backbone
         self.frozen_modules = ("backbone",) if backbone.freeze else ()
         self._build_backbone_and_pos(backbone, pos, backbone.weights, backbone.uses_frozen_bn)
-        self.criterion = POSCriterion(
-            mask_weight=loss.mask_weight,
-            dice_weight=loss.dice_weight,
-            fewshot_weight=loss.fewshot_weight,
-            num_points=loss.num_points,
-            oversample_ratio=loss.oversample_ratio,
-            importance_sample_ratio=loss.importance_sample_ratio,
-        )
+        self.criterion = build_pos_criterion(loss)
         self._freeze_now()
 
-    def forward(self, images: Tensor) -> dict:
-        """POS outputs (mask logits on the padded stride-4 grid) for normalised images."""
-        return self.pos(self.backbone_features(images))
+    def forward(self, batch: EpisodeBatch) -> dict:
+        """POS outputs of the batch's queries: ``pred_masks [B, N, Hp/4, Wp/4]`` logits (+ ``aux_outputs``).
+
+        Both stage modules take an :class:`EpisodeBatch` (stage 1 reads only its queries).
+        """
+        return self.pos(self.backbone_features(batch.query_image))
 
     def point_generator(self) -> torch.Generator:
         """The random source of this step's point sampling: a function of (run seed, step, rank).
@@ -84,7 +81,7 @@ class POSModule(EpisodeModule):
         return torch.Generator(device=self.device).manual_seed(int(state))
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
-        out = self(batch.query_image)
+        out = self(batch)
         targets = [semantic_to_targets(s) for s in batch.query_semantic]
         losses = self.criterion(out, targets, batch.query_mask, generator=self.point_generator())
         loss = sum(losses.values())
@@ -100,7 +97,7 @@ class POSModule(EpisodeModule):
         return loss
 
     def evaluate(self, batch: EpisodeBatch) -> dict[str, Tensor]:
-        out = self(batch.query_image)
+        out = self(batch)
         proposals = out["pred_masks"].float().sigmoid()
         index, _ = oracle_select(proposals, batch.query_mask)
         hw = (batch.query_image.shape[-2], batch.query_image.shape[-1])

@@ -154,3 +154,18 @@ def write_results(summary: dict, folder: str | Path) -> tuple[Path, Path]:
 def load_results(path: str | Path) -> dict:
     """Read a ``results.json``."""
     return json.loads(Path(path).read_text())
+
+
+def report_results(summary: dict, trainer: Any) -> Path | None:
+    """Print the per-class table and write ``results.json`` / ``.csv`` into the run folder (global rank 0).
+
+    Returns:
+        The ``results.json`` path on global rank 0, else None.
+    """
+    if not trainer.is_global_zero:
+        return None
+    print(format_class_table(summary))
+    folder = run_dir(trainer)
+    write_results(summary, folder)
+    print(f"results written to {folder / 'results.json'}")
+    return folder / "results.json"

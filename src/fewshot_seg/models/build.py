@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fewshot_seg.config import MaskMatchingConfig, POSConfig
+from fewshot_seg.config import MaskMatchingConfig, MMLossConfig, POSConfig, POSLossConfig
+from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion
 from fewshot_seg.models.mask_matching import MaskMatching
 from fewshot_seg.models.pos import PotentialObjectsSegmenter
 
@@ -24,6 +25,7 @@ def build_pos(cfg: POSConfig, in_channels: Mapping[str, int]) -> PotentialObject
         dec_heads=cfg.heads,
         dec_ffn=cfg.dec_ffn,
         norm_groups=cfg.norm_groups,
+        deform_attn=cfg.deform_attn,
     )
 
 
@@ -41,3 +43,20 @@ def build_mask_matching(
         matching_hidden=cfg.matching_hidden,
         kv_min_size=cfg.kv_min_size,
     )
+
+
+def build_pos_criterion(cfg: POSLossConfig) -> POSCriterion:
+    """The stage-1 criterion (Hungarian matching, point-sampled mask and dice losses, few-shot term)."""
+    return POSCriterion(
+        mask_weight=cfg.mask_weight,
+        dice_weight=cfg.dice_weight,
+        fewshot_weight=cfg.fewshot_weight,
+        num_points=cfg.num_points,
+        oversample_ratio=cfg.oversample_ratio,
+        importance_sample_ratio=cfg.importance_sample_ratio,
+    )
+
+
+def build_mm_criterion(cfg: MMLossConfig) -> MaskMatchingCriterion:
+    """The stage-2 criterion (dice on the merged map, contrastive BCE on the similarities)."""
+    return MaskMatchingCriterion(dice_weight=cfg.dice_weight, contrastive_weight=cfg.contrastive_weight)

@@ -11,8 +11,10 @@ weights), none of which needs a compiled extension:
 * ``"loop"`` (:func:`ms_deform_attn_core_loop`): the straightforward per-level reference (Deformable
   DETR's ``ms_deform_attn_core_pytorch``); kept for tests and as the benchmark baseline.
 
-:func:`ms_deform_attn_core` picks one by device; ``impl=`` or the environment variable
-``FEWSHOT_SEG_MSDA_IMPL`` forces one. Everything in :class:`MSDeformAttn` runs in float32, also under
+:func:`ms_deform_attn_core` picks one by device unless ``impl=`` names one; :class:`MSDeformAttn` takes
+its choice as a setting (``POSConfig.deform_attn``), and the environment variable ``FEWSHOT_SEG_MSDA_IMPL``,
+read once when the module is built, overrides it (to A/B a run or a benchmark without editing configs).
+Everything in :class:`MSDeformAttn` runs in float32, also under
 autocast: sampling locations are sub-pixel coordinates and the softmax over few points is sensitive to half
 precision.
 """
@@ -46,13 +48,16 @@ def _shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def default_impl(device: torch.device) -> str:
-    """Implementation :func:`ms_deform_attn_core` uses on ``device`` (``FEWSHOT_SEG_MSDA_IMPL`` overrides)."""
+def impl_override() -> str | None:
+    """The implementation ``FEWSHOT_SEG_MSDA_IMPL`` forces, or None (read when an MSDeformAttn is built)."""
     forced = os.environ.get(IMPL_ENV, "").strip()
-    if forced:
-        if forced not in IMPLEMENTATIONS:
-            raise ValueError(f"{IMPL_ENV}={forced!r}; choose from {IMPLEMENTATIONS}")
-        return forced
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"{IMPL_ENV}={forced!r}; choose from {IMPLEMENTATIONS}")
+    return forced or None
+
+
+def default_impl(device: torch.device) -> str:
+    """Implementation :func:`ms_deform_attn_core` uses on ``device`` when none is chosen."""
     # gather (embedding_bag + an SDDMM) is the fastest on CPU (benchmarks/model_speed.py). On GPUs one
     # grid_sample per level is a few large kernels whose backward scatters with atomics, where the gather
     # backward needs a sort; not measured on a GPU yet, so that default is a judgement call.
@@ -378,10 +383,23 @@ class MSDeformAttn(nn.Module):
         n_points: sampling points P per head and level.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 3,
+        n_heads: int = 8,
+        n_points: int = 4,
+        impl: str | None = None,
+    ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if impl is not None and impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown deformable-attention implementation {impl!r}; choose from {IMPLEMENTATIONS}"
+            )
+        self.impl = impl_override() or impl
+        """the core's implementation; None = :func:`default_impl` of the input's device."""
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -466,5 +484,5 @@ class MSDeformAttn(nn.Module):
         locations = (
             reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         )
-        out = ms_deform_attn_core(value, shapes, locations, weights)
+        out = ms_deform_attn_core(value, shapes, locations, weights, impl=self.impl)
         return self.output_proj(out)

@@ -44,10 +44,17 @@ class MSDeformAttnEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention then FFN (ReLU), batch-first ``[B, S, C]``."""
 
     def __init__(
-        self, d_model: int, dim_feedforward: int, dropout: float, n_levels: int, n_heads: int, n_points: int
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+        attn_impl: str | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=attn_impl)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -97,9 +104,12 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         dropout: float = 0.0,
         n_levels: int = 3,
         n_points: int = 4,
+        attn_impl: str | None = None,
     ) -> None:
         super().__init__()
-        layer = MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, n_levels, n_heads, n_points)
+        layer = MSDeformAttnEncoderLayer(
+            d_model, dim_feedforward, dropout, n_levels, n_heads, n_points, attn_impl=attn_impl
+        )
         self.encoder = MSDeformAttnEncoder(layer, num_layers)
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self._reset_parameters()
@@ -175,6 +185,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_points: int = 4,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        attn_impl: str | None = None,
     ) -> None:
         super().__init__()
         channels = dict(RESNET50_CHANNELS if input_channels is None else input_channels)
@@ -197,6 +208,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             dropout=dropout,
             n_levels=len(self.transformer_in_features),
             n_points=num_points,
+            attn_impl=attn_impl,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)

@@ -51,6 +51,7 @@ class PotentialObjectsSegmenter(nn.Module):
         dec_ffn: int = 2048,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        deform_attn: str | None = None,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
@@ -64,6 +65,7 @@ class PotentialObjectsSegmenter(nn.Module):
             num_points=enc_points,
             dropout=dropout,
             norm_groups=norm_groups,
+            attn_impl=deform_attn,
         )
         self.transformer_decoder = MaskedTransformerDecoder(
             in_channels=conv_dim,

@@ -11,12 +11,15 @@ Prints and writes (``--out``) these tables:
    and ``benchmarks/inference_speed.py``'s tables (the predict path against ``Segmenter``);
 3. every deformable-attention implementation: forward and forward+backward time, and its largest
    difference from the per-level loop (values, sampling-location and attention-weight gradients);
-4. a 50-step real ``fewshot-seg fit`` (stage 1) + ``fit`` (stage 2) + ``test`` through the CLI with
+4. a row per backbone (``lightning_configs/backbone_<name>.yaml`` and the paper's ResNet-50): parameters
+   and the frozen backbone's forward time and peak memory at 480 x 480, ``32-true`` and ``bf16-mixed``;
+5. a 50-step real ``fewshot-seg fit`` (stage 1) + ``fit`` (stage 2) + ``test`` through the CLI with
    ``trainer_gpu.yaml`` on a small VOC-layout stand-in written by ``benchmarks/make_standin.py``: finite
    losses, checkpoints written, ``results.json``.
 
-``--smoke`` runs all of it with the demo-size model at 64 x 64, 2 steps, on CPU (no ``16-mixed``):
-the test suite runs it so the script stays correct on machines without a GPU.
+``--smoke`` runs all of it with the demo-size model at 64 x 64, 2 steps, on CPU (no ``16-mixed``), the
+backbone rows with a tiny model of each family (``SMOKE_BACKBONES``): the test suite runs it so the
+script stays correct on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -34,12 +37,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import inference_speed
-from model_speed import DEMO, PAPER, _row_fn, _time, deform_attn_rows
+from model_speed import DEMO, PAPER, _row_fn, _time, autocast, backbone_configs, deform_attn_rows
 
 from fewshot_seg import config_dir
+from fewshot_seg.models.backbone import build_backbone
+from fewshot_seg.models.freezing import freeze
 from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
 
 REPO = Path(__file__).resolve().parents[1]
+# --smoke: the same code path per backbone family with a model a CPU builds and runs in a second.
+SMOKE_BACKBONES = {
+    "resnet50 (paper default)": "resnet18",
+    "resnet101": "resnet18",
+    "convnext_base": "timm:convnext_atto",
+    "swin_base": "timm:swin_tiny_patch4_window7_224",
+    "dinov2_vitb14": "timm:vit_small_patch14_dinov2",
+}
 
 
 def train_step_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
@@ -77,6 +90,42 @@ def segmenter_table(device: torch.device, smoke: bool, repeats: int) -> list[str
     queries = 2 if smoke else 32
     speed = inference_speed.speed_table(cfg, size, queries, min(repeats, 3), device)
     return [*speed, "", *inference_speed.head_table(cfg, size, repeats, device)]
+
+
+def backbone_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    size = 64 if smoke else 480
+    rows = [
+        "| config | name | params (M) | new (M) | precision | fwd (ms) | peak GPU memory (MiB) |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for label, backbone in backbone_configs().items():
+        name = SMOKE_BACKBONES.get(label, "resnet18") if smoke else backbone["name"]
+        torch.manual_seed(0)
+        model = build_backbone(name, weights=None, pyramid_channels=backbone.get("pyramid_channels", 256))
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        new = sum(
+            p.numel() for n in getattr(model, "new_modules", ()) for p in model.get_submodule(n).parameters()
+        )
+        model = freeze(model.to(device))
+        images = torch.randn(1, 3, size, size, device=device)
+        for precision in ("32-true", "bf16-mixed"):
+
+            def fwd(
+                precision: str = precision, model: torch.nn.Module = model, images: torch.Tensor = images
+            ) -> None:
+                with torch.no_grad(), autocast(device, precision):
+                    model(images)
+
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            seconds = _time(fwd, repeats, device)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            rows.append(
+                f"| {label} | {name} | {params:.1f} | {new / 1e6:.1f} | {precision} | {seconds * 1e3:.1f} | "
+                f"{peak:.0f} |"
+            )
+    return rows
 
 
 def deform_attn_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
@@ -223,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ("Inference (backbone + POS + Mask Matching)", inference_table),
         ("Segmenter vs the predict path (supports encoded once, batched queries)", segmenter_table),
         ("Deformable attention", deform_attn_table),
+        ("Backbones (frozen forward, batch 1)", backbone_table),
     ]
     out: list[str] = header
     start = time.perf_counter()

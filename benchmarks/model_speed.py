@@ -4,6 +4,7 @@ multi-scale deformable-attention core (every implementation) against the straigh
     python benchmarks/model_speed.py               # paper configuration at 480x480 + the CPU demo at 128
     python benchmarks/model_speed.py --sizes 480 --repeats 3 --device cuda
     python benchmarks/model_speed.py --only attn   # just the deformable-attention table
+    python benchmarks/model_speed.py --only backbones --sizes 480   # a row per backbone_<name>.yaml
 
 Every time is the median of ``--repeats`` runs after one warm-up run. Each model row runs in a fresh
 (spawned) process, so its peak memory belongs to that row alone: on CPU the peak resident set size of
@@ -11,6 +12,10 @@ that process (model, inputs and the Python/torch/Lightning runtime included; the
 runtime), on CUDA ``torch.cuda.max_memory_allocated``. Random weights (``weights=None``): speed does not
 depend on them. The models are built by POSModule / MMModule: the paper sizes are their defaults, the
 demo sizes are read from ``lightning_configs/stage{1_pos,2_mm}_cpu_demo.yaml``.
+
+The backbone table has a row per ``lightning_configs/backbone_<name>.yaml`` (and the paper's ResNet-50):
+parameters (of which new: a ViT's feature pyramid) and the frozen backbone's forward time and peak
+memory on one image of each ``--sizes``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import yaml
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.mm_module import MMModule
 from fewshot_seg.lightning.pos_module import POSModule
+from fewshot_seg.models.backbone import build_backbone
 from fewshot_seg.models.criterion import semantic_to_targets
 from fewshot_seg.models.freezing import freeze
 from fewshot_seg.models.ms_deform_attn import IMPLEMENTATIONS, default_impl, ms_deform_attn_core
@@ -213,6 +219,66 @@ def _measure(
     q.put((seconds, peak_mib, idle_mib))
 
 
+def backbone_configs() -> dict[str, dict]:
+    """``{label: backbone configuration}``: the paper's ResNet-50, then every backbone_<name>.yaml."""
+    configs = {"resnet50 (paper default)": {"name": "resnet50"}}
+    for path in sorted(config_dir().glob("backbone_*.yaml")):
+        configs[path.stem.removeprefix("backbone_")] = _init_args(path.name)["backbone"]
+    return configs
+
+
+def _measure_backbone(backbone: dict, size: int, batch: int, repeats: int, device_name: str, threads: int, q):
+    torch.set_num_threads(threads)
+    idle_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build_backbone(
+        backbone["name"], weights=None, frozen_bn=True, pyramid_channels=backbone.get("pyramid_channels", 256)
+    )
+    params = sum(p.numel() for p in model.parameters())
+    new = sum(
+        p.numel() for n in getattr(model, "new_modules", ()) for p in model.get_submodule(n).parameters()
+    )
+    model = freeze(model.to(device))
+    images = torch.randn(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _time(lambda: _no_grad(model, images), repeats, device)
+    if device.type == "cuda":
+        peak_mib, idle_mib = torch.cuda.max_memory_allocated() / 2**20, 0.0
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put((params, new, dict(model.out_channels), seconds, peak_mib, idle_mib))
+
+
+def run_backbone_row(backbone: dict, size: int, batch: int, repeats: int, device: str, threads: int) -> tuple:
+    """``(parameters, new parameters, out_channels, median s, peak MiB, idle MiB)``, in a fresh process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure_backbone, args=(backbone, size, batch, repeats, device, threads, q))
+    p.start()
+    result = q.get()
+    p.join()
+    return result
+
+
+def print_backbones(sizes: list[int], batch: int, repeats: int, device: str, threads: int) -> None:
+    print(f"\nBackbones (random init, frozen, no_grad forward of {batch} image(s))")
+    print("| config | name | params (M) | new (M) | res2..res5 channels | size | fwd (ms) | peak mem (MiB) |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    for label, backbone in backbone_configs().items():
+        for size in sizes:
+            params, new, channels, seconds, peak, _ = run_backbone_row(
+                backbone, size, batch, repeats, device, threads
+            )
+            widths = "/".join(str(c) for c in channels.values())
+            print(
+                f"| {label} | {backbone['name']} | {params / 1e6:.1f} | {new / 1e6:.1f} | {widths} | "
+                f"{size} | {seconds * 1e3:.0f} | {peak:.0f} |",
+                flush=True,
+            )
+
+
 def run_row(
     cfg: ModelConfig, size: int, batch: int, what: str, repeats: int, device: str, threads: int
 ) -> tuple[float, float, float]:
@@ -300,7 +366,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", choices=["models", "attn"], default=None)
+    parser.add_argument("--only", choices=["models", "attn", "backbones"], default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -308,6 +374,9 @@ def main() -> None:
         f"device={args.device} threads={args.threads} batch={args.batch} repeats={args.repeats} "
         f"torch={torch.__version__}"
     )
+    if args.only == "backbones":
+        print_backbones(args.sizes, args.batch, args.repeats, args.device, args.threads)
+        return
     if args.only != "attn":
         print("| model | size | what | time (ms) | peak mem (MiB) | idle process (MiB) |")
         print("|---|---|---|---:|---:|---:|")
@@ -324,6 +393,8 @@ def main() -> None:
                 )
     if args.only != "models":
         print_deform_attn(args.repeats, torch.device(args.device), args.attn_batches)
+    if args.only is None:
+        print_backbones(args.sizes[:1], args.batch, args.repeats, args.device, args.threads)
 
 
 if __name__ == "__main__":

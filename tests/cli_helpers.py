@@ -56,3 +56,12 @@ BENCHMARK_DATA = [
     "data_isic2018.yaml",
     "data_chestxray.yaml",
 ]
+
+# Backbone files (docs/model.md#backbones), composed after a stage file; the default suite runs each with
+# a tiny model of the same family (the real ones are too large for a CPU test) and parses it as written.
+BACKBONE_CONFIGS = {
+    "backbone_resnet101.yaml": "resnet18",
+    "backbone_convnext_base.yaml": "timm:convnext_atto",
+    "backbone_swin_base.yaml": "timm:swin_tiny_patch4_window7_224",
+    "backbone_dinov2_vitb14.yaml": "timm:vit_small_patch14_dinov2",
+}

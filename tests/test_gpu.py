@@ -96,7 +96,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
         "## Training step",
         "## Inference",
         "## Deformable attention",
+        "## Backbones",
         "## fewshot-seg fit + fit + test",
     ):
         assert title in text
+    assert "| dinov2_vitb14 | timm:vit_small_patch14_dinov2 |" in text
     assert "| stage-1 train step | 8 | bf16-mixed |" in text and "all finite" in text and "mIoU" in text

@@ -23,18 +23,22 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """The ResNet trunk.
+    """The backbone (docs/model.md, "Backbones").
 
     Args:
-        name: torchvision ResNet (resnet18, resnet34, resnet50, resnet101).
-        weights: ``"imagenet"`` (torchvision IMAGENET1K_V1; needs the file cached or a network), a
-            local weights file, or None (random init). Ignored in stage 2, whose backbone comes from
-            the stage-1 checkpoint.
-        freeze: no gradients and frozen BatchNorm statistics (the paper). False only without
-            pretrained weights (the CPU demo trains a ResNet-18 from scratch).
-        frozen_bn: norm layers as ``FrozenBatchNorm2d`` (fixed statistics and affine, as detectron2)
+        name: torchvision ResNet (resnet18, resnet34, resnet50, resnet101), or ``timm:<model>`` for any
+            timm model with stride 4/8/16/32 levels (ConvNeXt, Swin, ...) or a plain ViT (DINOv2, ...;
+            through a simple feature pyramid).
+        weights: ``"imagenet"`` (torchvision IMAGENET1K_V1, or timm's pretrained weights of a timm
+            model; needs the file cached or a network), a local weights file, a timm pretrained tag, or
+            None (random init). Ignored in stage 2, whose backbone comes from the stage-1 checkpoint.
+        freeze: no gradients and frozen normalisation statistics (the paper). False only without
+            pretrained weights (the CPU demo trains a ResNet-18 from scratch). A ViT's feature pyramid
+            is new and is trained either way.
+        frozen_bn: BatchNorm layers as ``FrozenBatchNorm2d`` (fixed statistics and affine, as detectron2)
             instead of ``nn.BatchNorm2d``; None = the same as ``freeze``.
-        lr_mult: learning-rate multiplier of a trainable backbone.
+        lr_mult: learning-rate multiplier of a trainable backbone (a ViT's feature pyramid: 1).
+        pyramid_channels: channels of the feature pyramid's four levels (plain ViTs only; 256 in ViTDet).
     """
 
     name: str = "resnet50"
@@ -42,6 +46,7 @@ class BackboneConfig:
     freeze: bool = True
     frozen_bn: bool | None = None
     lr_mult: float = 0.1
+    pyramid_channels: int = 256
 
     def __post_init__(self) -> None:
         # jsonargparse 4.53 turns `--model.init_args.backbone.weights=null` into the string "None".

@@ -283,7 +283,7 @@ def _from_lightning(ckpt: Mapping[str, Any], path: str) -> tuple[nn.Module, nn.M
     backbone_cfg = coerce(BackboneConfig, hp.get("backbone")) or BackboneConfig()
     pos_cfg = coerce(POSConfig, hp.get("pos")) or POSConfig()
     mm_cfg = coerce(MaskMatchingConfig, hp.get("mm")) or MaskMatchingConfig()
-    backbone, pos, mm = _build(backbone_cfg.name, pos_cfg, mm_cfg)
+    backbone, pos, mm = _build(backbone_cfg, pos_cfg, mm_cfg)
     state = ckpt["state_dict"]
     for prefix, module in (("backbone.", backbone), ("pos.", pos), ("mm.", mm)):
         part = {
@@ -311,7 +311,8 @@ def _from_reference(ckpt: Mapping[str, Any], path: str) -> tuple[nn.Module, nn.M
             "segmenting needs a stage-2 checkpoint"
         )
     try:
-        backbone, pos, mm = _build(reference_backbone_name(state), POSConfig(), MaskMatchingConfig())
+        backbone_cfg = BackboneConfig(name=reference_backbone_name(state))
+        backbone, pos, mm = _build(backbone_cfg, POSConfig(), MaskMatchingConfig())
         load_reference_checkpoint(state, backbone=backbone, pos=pos, mask_matching=mm)
     except CheckpointMismatchError as err:
         raise CheckpointError(f"reference checkpoint {path!r} does not fit MM-Former: {err}") from err
@@ -319,10 +320,12 @@ def _from_reference(ckpt: Mapping[str, Any], path: str) -> tuple[nn.Module, nn.M
 
 
 def _build(
-    backbone_name: str, pos: POSConfig, mm: MaskMatchingConfig
+    backbone_cfg: BackboneConfig, pos: POSConfig, mm: MaskMatchingConfig
 ) -> tuple[nn.Module, nn.Module, MaskMatching]:
     """The stage-2 networks, without weights (they come from the checkpoint)."""
-    backbone = build_backbone(backbone_name, weights=None, frozen_bn=True)
+    backbone = build_backbone(
+        backbone_cfg.name, weights=None, frozen_bn=True, pyramid_channels=backbone_cfg.pyramid_channels
+    )
     return (
         backbone,
         build_pos(pos, backbone.out_channels),

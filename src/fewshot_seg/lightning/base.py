@@ -26,7 +26,7 @@ from fewshot_seg.lightning.provenance import (
 )
 from fewshot_seg.lightning.results import report_results, summarize
 from fewshot_seg.metrics import FewShotIoU
-from fewshot_seg.models.backbone import build_backbone
+from fewshot_seg.models.backbone import backbone_lr_mult, build_backbone
 from fewshot_seg.models.build import build_pos
 from fewshot_seg.models.freezing import freeze
 from fewshot_seg.visualize import prediction_row
@@ -93,7 +93,9 @@ class EpisodeModule(pl.LightningModule):
     def _build_backbone_and_pos(
         self, backbone: BackboneConfig, pos: POSConfig, weights: str | None, frozen_bn: bool
     ) -> None:
-        self.backbone = build_backbone(backbone.name, weights=weights, frozen_bn=frozen_bn)
+        self.backbone = build_backbone(
+            backbone.name, weights=weights, frozen_bn=frozen_bn, pyramid_channels=backbone.pyramid_channels
+        )
         self.pos = build_pos(pos, self.backbone.out_channels)
 
     # ------------------------------------------------------------------ freezing
@@ -125,7 +127,9 @@ class EpisodeModule(pl.LightningModule):
             self,
             self.optim,
             max_steps=resolve_max_steps(self.optim.max_steps, self._trainer),
-            lr_mult={"backbone": self.backbone_config.lr_mult} if self.backbone_config is not None else None,
+            lr_mult=backbone_lr_mult(self.backbone, self.backbone_config.lr_mult)
+            if self.backbone_config is not None
+            else None,
         )
 
     # ------------------------------------------------------------------ provenance

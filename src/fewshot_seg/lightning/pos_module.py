@@ -11,6 +11,7 @@ from torch import Tensor
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
+from fewshot_seg.models.backbone import frozen_parts
 from fewshot_seg.models.build import build_pos_criterion
 from fewshot_seg.models.criterion import semantic_to_targets
 from fewshot_seg.models.selection import oracle_select, selected_foreground
@@ -56,8 +57,9 @@ class POSModule(EpisodeModule):
         self.save_hyperparameters(ignore=["predict_dir", "overwrite_predictions"])
         self._hparams_as_dicts()
         self.backbone_config = backbone
-        self.frozen_modules = ("backbone",) if backbone.freeze else ()
         self._build_backbone_and_pos(backbone, pos, backbone.weights, backbone.uses_frozen_bn)
+        # The pretrained part only: a ViT's feature pyramid is new and trains with the POS.
+        self.frozen_modules = frozen_parts(self.backbone) if backbone.freeze else ()
         self.criterion = build_pos_criterion(loss)
         self._freeze_now()
 

@@ -1,4 +1,6 @@
-"""torchvision ResNet backbone returning res2..res5 (strides 4..32, no dilation)."""
+"""Backbones returning res2..res5 (strides 4..32, no dilation): torchvision ResNets here, timm models
+(``timm:<model>``) in ``models.timm_backbone``; :func:`build_backbone` takes either name.
+"""
 
 from __future__ import annotations
 
@@ -84,21 +86,47 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
         ) from exc
 
 
+def frozen_parts(backbone: nn.Module, prefix: str = "backbone") -> tuple[str, ...]:
+    """The sub-module paths that freezing the backbone ``prefix`` freezes: all of it, or, for a backbone
+    with new layers (a ViT's feature pyramid, its ``new_modules``), every other child."""
+    new = getattr(backbone, "new_modules", ())
+    if not new:
+        return (prefix,)
+    return tuple(f"{prefix}.{n}" for n, _ in backbone.named_children() if n not in new)
+
+
+def backbone_lr_mult(backbone: nn.Module, lr_mult: float, prefix: str = "backbone") -> dict[str, float]:
+    """Learning-rate multipliers by name prefix: ``lr_mult`` for the backbone, 1 for its new layers."""
+    return {prefix: lr_mult, **{f"{prefix}.{n}": 1.0 for n in getattr(backbone, "new_modules", ())}}
+
+
 def build_backbone(
-    name: str = "resnet50", weights: str | None = "imagenet", frozen_bn: bool = True
-) -> ResNetBackbone:
-    """Build a torchvision ResNet trunk returning res2..res5.
+    name: str = "resnet50",
+    weights: str | None = "imagenet",
+    frozen_bn: bool = True,
+    pyramid_channels: int = 256,
+) -> nn.Module:
+    """Build a backbone returning res2..res5 (``out_channels`` / ``out_strides`` say their shapes).
 
     Args:
-        name: resnet18 / resnet34 / resnet50 / resnet101.
-        weights: ``"imagenet"`` (torchvision IMAGENET1K_V1 via its weights API and cache), a local file
-            (torchvision state dict, or a detectron2-style dict with ``backbone.*`` / ``stem.*`` names,
-            possibly wrapped in ``{"model": ...}``), or None (random init).
-        frozen_bn: use torchvision's ``FrozenBatchNorm2d`` (statistics and affine as buffers, eps 1e-5)
-            instead of BatchNorm2d.
+        name: resnet18 / resnet34 / resnet50 / resnet101 (torchvision), or ``timm:<model>`` (see
+            :func:`~fewshot_seg.models.timm_backbone.build_timm_backbone`).
+        weights: ``"imagenet"`` (torchvision IMAGENET1K_V1 via its weights API and cache; timm's
+            pretrained weights for a timm model), a local file (torchvision state dict, or a
+            detectron2-style dict with ``backbone.*`` / ``stem.*`` names, possibly wrapped in
+            ``{"model": ...}``; timm's names for a timm model), or None (random init).
+        frozen_bn: use ``FrozenBatchNorm2d`` (statistics and affine as buffers, eps 1e-5) instead of
+            BatchNorm2d.
+        pyramid_channels: channels of the simple feature pyramid of a plain timm ViT (ignored otherwise).
     """
+    if name.startswith("timm:"):
+        from fewshot_seg.models.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(name, weights, frozen_bn=frozen_bn, pyramid_channels=pyramid_channels)
     if name not in _ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(_ARCHS)}")
+        raise ValueError(
+            f"unknown backbone {name!r}; choose from {sorted(_ARCHS)} or a timm model as 'timm:<name>'"
+        )
     ctor = _ARCHS[name][0]
     norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     backbone = ResNetBackbone(ctor(weights=None, norm_layer=norm_layer), name)
@@ -109,10 +137,18 @@ def build_backbone(
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         backbone.load_state_dict(state, strict=True)
         return backbone
-    from fewshot_seg.models.convert import load_reference_module, read_state_dict  # convert imports us
+    # convert imports us
+    from fewshot_seg.models.convert import CheckpointMismatchError, load_reference_module, read_state_dict
 
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"backbone weights file {weights!r} does not exist")
     state = read_state_dict(weights)
     if any(k.startswith("backbone.") for k in state):  # a whole detectron2-style model: keep its trunk
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    load_reference_module(backbone, state, "backbone")
+    try:
+        load_reference_module(backbone, state, "backbone")
+    except CheckpointMismatchError as err:  # the same error, saying which file
+        raise CheckpointMismatchError(
+            f"backbone weights file {weights!r} does not fit {name}: {err}", err.report
+        ) from None
     return backbone

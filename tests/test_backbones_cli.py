@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from cli_helpers import BACKBONE_CONFIGS, CONFIGS, STAGE1, STAGE2, cfg, run_dir_args, tiny_data
 
+from fewshot_seg import Segmenter
 from fewshot_seg.cli import main
 
 FAST = ["--model.init_args.loss.num_points=256", "--model.init_args.pos.num_queries=8"]
@@ -59,6 +61,16 @@ def test_timm_backbone_stage1_stage2_test(name: str, synthetic_root: Path, tmp_p
     res = json.loads((tmp_path / "fewshot-seg" / "t" / "results.json").read_text())
     assert res["stage"] == "mm" and 0.0 <= res["miou"] <= 100.0
     assert res["oracle_miou"] is not None and res["baseline_miou"] is not None
+
+    # The Segmenter rebuilds the same network from the checkpoint (feature pyramid included).
+    seg = Segmenter.from_checkpoint(ckpt2, device="cpu")
+    mask = np.zeros((50, 70), np.uint8)
+    mask[10:30, 20:50] = 1
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    (out,) = seg.segment([image[:40]], seg.encode_supports([image], [mask]))
+    assert out.shape == (40, 70)
+    for k, v in seg.backbone.state_dict().items():
+        assert torch.equal(v, saved[f"backbone.{k}"]), k
 
 
 @pytest.mark.parametrize("backbone_yaml", sorted(BACKBONE_CONFIGS))

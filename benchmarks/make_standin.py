@@ -54,6 +54,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from datamodules.cache import swap_in_dir
 from datamodules.fake import COCO_CATEGORY_IDS
 from datamodules.synthetic import voc_palette
 
@@ -536,13 +537,7 @@ def build_part(part: str, out: Path, params: dict, jobs: int, force: bool) -> di
         with mp.get_context("fork").Pool(jobs) as pool:
             summary = (build_voc if part == "voc" else build_coco)(tmp, params, pool)
         (tmp / MANIFEST).write_text(json.dumps(params, indent=1) + "\n")
-        aside = None
-        if root.exists():
-            aside = out / f".{part}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(root, aside)
-        os.replace(tmp, root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        swap_in_dir(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

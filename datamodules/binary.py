@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import fingerprint_files
-from .errors import DatasetError
+from .errors import DatasetError, reading
 from .source import SegmentationSource, read_rgb
 
 MASK_THRESHOLD = 128
@@ -50,36 +50,29 @@ def read_threshold_mask(path: str | os.PathLike) -> np.ndarray:
     as VOC's), 16-bit or float images, colour labels (a pixel whose channels differ by >= 128, e.g. a
     raw DeepGlobe land-cover mask), and 0/1 masks (their objects would vanish at the 128 threshold).
     """
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode == "P":
+    with reading(path, "mask"), Image.open(path) as im:
+        mode = im.mode
+        if mode == "P":
+            raise DatasetError(
+                f"mask {path} is a palette PNG (class indices); expected a black-and-white mask "
+                "(greyscale or RGB, 0 = background, 255 = object)"
+            )
+        if mode not in ACCEPTED_MASK_MODES:
+            raise DatasetError(
+                f"mask {path} has mode {mode}; expected an 8-bit black-and-white mask (modes "
+                f"{', '.join(ACCEPTED_MASK_MODES)})"
+            )
+        if mode in ("RGB", "RGBA"):
+            rgb = np.asarray(im.convert("RGB"))
+            spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+            if spread.max() >= COLOUR_SPREAD:
+                y, x = np.unravel_index(int(spread.argmax()), spread.shape)
+                colour = tuple(int(v) for v in rgb[y, x])
                 raise DatasetError(
-                    f"mask {path} is a palette PNG (class indices); expected a black-and-white mask "
-                    "(greyscale or RGB, 0 = background, 255 = object)"
+                    f"mask {path} is a colour label (pixel ({x}, {y}) is {colour}); expected a "
+                    "black-and-white mask, one file per class"
                 )
-            if mode not in ACCEPTED_MASK_MODES:
-                raise DatasetError(
-                    f"mask {path} has mode {mode}; expected an 8-bit black-and-white mask (modes "
-                    f"{', '.join(ACCEPTED_MASK_MODES)})"
-                )
-            if mode in ("RGB", "RGBA"):
-                rgb = np.asarray(im.convert("RGB"))
-                spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
-                if spread.max() >= COLOUR_SPREAD:
-                    y, x = np.unravel_index(int(spread.argmax()), spread.shape)
-                    colour = tuple(int(v) for v in rgb[y, x])
-                    raise DatasetError(
-                        f"mask {path} is a colour label (pixel ({x}, {y}) is {colour}); expected a "
-                        "black-and-white mask, one file per class"
-                    )
-            grey = np.asarray(im.convert("L"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"mask file is missing: {path}") from e
-    except DatasetError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path} (corrupt or not an image): {e}") from e
+        grey = np.asarray(im.convert("L"))
     if grey.max(initial=0) == 1:
         raise DatasetError(
             f"mask {path} holds only the values 0 and 1: at the threshold {MASK_THRESHOLD} it would be all "

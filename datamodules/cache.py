@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -59,3 +61,18 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], extra: Any = None) -> 
         st = os.stat(p)
         h.update(f"{os.path.basename(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def swap_in_dir(new: Path, dest: Path) -> None:
+    """Make the finished folder ``new`` become ``dest`` (same parent file system), replacing any old one.
+
+    The old folder is renamed aside before ``new`` is renamed into place and only then deleted, so a
+    reader never sees a half-written ``dest`` and a crash never leaves none.
+    """
+    aside = None
+    if dest.exists():
+        aside = dest.parent / f".{dest.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(dest, aside)
+    os.replace(new, dest)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from fewshot_seg.episode import IGNORE_INDEX
 
 from .cache import atomic_write_json, read_json
-from .errors import DatasetError
+from .errors import DatasetError, reading
 
 ClassCounts = dict[str, dict[int, int]]
 """image id -> {class id: pixel count} for every class (not background, not 255) in its label.
@@ -25,33 +25,21 @@ even when its mask is empty (count 0), so a pool threshold of 0 keeps every list
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB from an image file, with a DatasetError naming an unreadable file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            # JPEGs are RGB already: no convert(), which would copy the decoded image once more.
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"image file is missing: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path} (corrupt or not an image): {e}") from e
+    with reading(path, "image"), Image.open(path) as im:
+        im.load()
+        # JPEGs are RGB already: no convert(), which would copy the decoded image once more.
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def read_label_png(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     """``[H, W]`` uint8 label from a palette or greyscale PNG, checked to hold only {0..C, 255}."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16"):
-                raise DatasetError(
-                    f"label {path} has mode {im.mode}; expected a palette (P) or greyscale (L) PNG "
-                    "whose pixel values are class indices"
-                )
-            arr = np.asarray(im)
-    except FileNotFoundError as e:
-        raise DatasetError(f"label file is missing: {path}") from e
-    except DatasetError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read label {path} (corrupt or not a PNG): {e}") from e
+    with reading(path, "label", "a PNG"), Image.open(path) as im:
+        if im.mode not in ("P", "L", "I", "I;16"):
+            raise DatasetError(
+                f"label {path} has mode {im.mode}; expected a palette (P) or greyscale (L) PNG "
+                "whose pixel values are class indices"
+            )
+        arr = np.asarray(im)
     check_label_values(arr, num_classes, str(path))
     return arr.astype(np.uint8, copy=False)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .cache import read_json
+from .cache import read_json, swap_in_dir
 from .pascal import Pascal5iDataModule
 from .source import SegmentationSource
 
@@ -215,13 +215,7 @@ def generate_synthetic_voc(
                     val_ids.append(image_id)
         (tmp / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val_ids) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(params))
-        old = None
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(root, old)
-        os.replace(tmp, root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in_dir(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from fewshot_seg.episode import IGNORE_INDEX
 
-from .errors import DatasetError
+from .errors import DatasetError, reading
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 """A path, a PIL image or an ``[H, W, 3]`` uint8 RGB array (greyscale ``[H, W]`` arrays are accepted)."""
@@ -45,16 +45,9 @@ def describe(source: object, what: str) -> str:
 
 
 def _open(source: str | os.PathLike, what: str) -> Image.Image:
-    try:
-        with Image.open(source) as im:
-            im.load()
-            return ImageOps.exif_transpose(im) or im
-    except FileNotFoundError as e:
-        raise DatasetError(f"{what} file is missing: {os.fspath(source)}") from e
-    except IsADirectoryError as e:
-        raise DatasetError(f"{what} {os.fspath(source)} is a folder, not an image file") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read {what} {os.fspath(source)} (corrupt or not an image): {e}") from e
+    with reading(source, what), Image.open(source) as im:
+        im.load()
+        return ImageOps.exif_transpose(im) or im
 
 
 def _rgb_from_pil(im: Image.Image, name: str) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fewshot_seg.config import MaskMatchingConfig, MMLossConfig, POSConfig, POSLossConfig
+from fewshot_seg.config import MaskMatchingConfig, MMLossConfig, POSConfig, POSLossConfig, as_dict
 from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion
 from fewshot_seg.models.mask_matching import MaskMatching
 from fewshot_seg.models.pos import PotentialObjectsSegmenter
@@ -47,16 +47,9 @@ def build_mask_matching(
 
 def build_pos_criterion(cfg: POSLossConfig) -> POSCriterion:
     """The stage-1 criterion (Hungarian matching, point-sampled mask and dice losses, few-shot term)."""
-    return POSCriterion(
-        mask_weight=cfg.mask_weight,
-        dice_weight=cfg.dice_weight,
-        fewshot_weight=cfg.fewshot_weight,
-        num_points=cfg.num_points,
-        oversample_ratio=cfg.oversample_ratio,
-        importance_sample_ratio=cfg.importance_sample_ratio,
-    )
+    return POSCriterion(**as_dict(cfg))  # the config's fields are the criterion's arguments
 
 
 def build_mm_criterion(cfg: MMLossConfig) -> MaskMatchingCriterion:
     """The stage-2 criterion (dice on the merged map, contrastive BCE on the similarities)."""
-    return MaskMatchingCriterion(dice_weight=cfg.dice_weight, contrastive_weight=cfg.contrastive_weight)
+    return MaskMatchingCriterion(**as_dict(cfg))

@@ -16,6 +16,8 @@ reproduces the reference's draws as well.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -235,28 +237,13 @@ class POSCriterion(nn.Module):
                 details["fewshot_ious"] = ious
         return losses, details
 
-    def forward(
-        self,
-        pos_out: dict,
-        targets: list[dict[str, Tensor]],
-        fewshot_label: Tensor | None = None,
-        point_coords: list[dict[str, Tensor]] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """Weighted scalar losses.
-
-        Args:
-            pos_out: ``{"pred_masks": [B, N, h, w], "aux_outputs": [{"pred_masks": ...}, ...]}`` logits
-                on the padded stride-4 grid.
-            targets: B dicts ``{"masks": [M_b, H, W] bool}`` at the unpadded image size.
-            fewshot_label: optional ``[B, H, W]`` {0, 1, 255} binary label of the sampled base class.
-            point_coords: optional injected points (see the module docstring).
-            generator: random generator for non-injected draws.
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Weighted scalar losses: the first result of :meth:`compute` (same arguments).
 
         Returns:
             ``loss_mask``, ``loss_dice``, ``loss_mask_{i}``, ``loss_dice_{i}`` and ``loss_fewshot``.
         """
-        return self.compute(pos_out, targets, fewshot_label, point_coords, generator)[0]
+        return self.compute(*args, **kwargs)[0]
 
 
 class MaskMatchingCriterion(nn.Module):

@@ -54,13 +54,33 @@ class Query:
         return self.mask.with_name(self.mask.name.removesuffix("_mask.png") + "_overlay.png")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def model_tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A tool's parser with the options of :meth:`Segmenter.from_checkpoint` (``segment``, ``serve``)."""
     parser = argparse.ArgumentParser(
-        prog="fewshot-seg segment",
-        description="Segment every query image from K annotated supports with a stage-2 checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (or the authors' released file)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", default="32", choices=("32", "bf16"), help="bf16: autocast (CUDA)")
+    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: trained)")
+    return parser
+
+
+def load_segmenter(args: argparse.Namespace) -> Segmenter:
+    """The Segmenter :func:`model_tool_parser`'s options describe (a bad device or size: OutputError)."""
+    try:
+        return Segmenter.from_checkpoint(args.ckpt, args.device, args.image_size, args.precision)
+    except ValueError as err:  # device / precision / image size
+        if isinstance(err, DatasetError):
+            raise
+        raise OutputError(str(err)) from err
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = model_tool_parser(
+        "fewshot-seg segment",
+        "Segment every query image from K annotated supports with a stage-2 checkpoint.",
+    )
     parser.add_argument(
         "--support",
         nargs=2,
@@ -72,9 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--precision", default="32", choices=("32", "bf16"), help="bf16: autocast (CUDA)")
-    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: trained)")
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
     return parser.parse_args(argv)
@@ -189,10 +206,7 @@ def run(args: argparse.Namespace) -> int:
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
         raise DatasetError(f"no query image found in {' '.join(args.queries)}")
-    try:
-        segmenter = Segmenter.from_checkpoint(args.ckpt, args.device, args.image_size, args.precision)
-    except ValueError as err:  # device / precision / image size
-        raise OutputError(str(err)) from err
+    segmenter = load_segmenter(args)
     images, masks = zip(*args.support)
     supports = segmenter.encode_supports(list(images), list(masks))
     try:

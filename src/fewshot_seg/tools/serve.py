@@ -42,7 +42,9 @@ from PIL import Image
 from datamodules.errors import DatasetError
 from datamodules.user_images import read_user_image, read_user_mask
 from fewshot_seg.lightning.checkpoints import CheckpointError
+from fewshot_seg.lightning.prediction import OutputError
 from fewshot_seg.segmenter import Segmenter
+from fewshot_seg.tools.segment import load_segmenter, model_tool_parser
 from fewshot_seg.visualize import MAGENTA, overlay, to_pil
 
 MAX_SUPPORTS = 5
@@ -192,16 +194,12 @@ def make_handler(app: SegmentApp) -> type[BaseHTTPRequestHandler]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="fewshot-seg serve",
-        description="A local page: segment images with a stage-2 model from painted or uploaded supports.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = model_tool_parser(
+        "fewshot-seg serve",
+        "A local page: segment images with a stage-2 model from painted or uploaded supports.",
     )
-    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (or the authors' released file)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: trained)")
     parser.add_argument("--max-upload-mb", type=int, default=64, help="largest request accepted")
     return parser.parse_args(argv)
 
@@ -210,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until Ctrl-C or SIGTERM (exit 0); a bad checkpoint or port: one line, exit 2."""
     args = parse_args(argv)
     try:
-        segmenter = Segmenter.from_checkpoint(args.ckpt, args.device, args.image_size)
-    except (CheckpointError, ValueError) as err:
+        segmenter = load_segmenter(args)
+    except (CheckpointError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="fewshot-seg-serve-"))

@@ -59,7 +59,17 @@ def predict_path(module: torch.nn.Module, size: int, supports, queries, device: 
     sup = [(img, lab) for img, lab, _ in (transform(i, m) for i, m in supports)]  # cached, as FolderEpisodes
     for query in queries:
         q_img, q_lab, valid = transform(query, np.full(query.shape[:2], IGNORE_INDEX, np.uint8))
-        sample = episode_sample(q_img, q_lab, sup, 1, (), valid, np.zeros(query.shape[:2], np.uint8), "q", [])
+        sample = episode_sample(
+            query=q_img,
+            query_label=q_lab,
+            supports=sup,
+            class_id=1,
+            novel_classes=(),
+            query_id="q",
+            support_ids=[],
+            valid_size=valid,
+            scored_label=np.zeros(query.shape[:2], np.uint8),
+        )
         batch = collate_episodes([sample]).to(device)
         with torch.no_grad():
             module.predict_step(batch, 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import warnings
 from abc import abstractmethod
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,35 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fewshot_seg.episode import collate_episodes
 
-from .episodes import (
-    ListEpisodeDataset,
-    TrainEpisodeDataset,
-    TrainLoader,
-    TrainStepSampler,
-    episode_list_path,
-    load_or_make_episode_list,
-)
+from .episode_lists import episode_list_path, load_or_make_episode_list
+from .episodes import ListEpisodeDataset, TrainEpisodeDataset
 from .errors import DatasetError
 from .protocols import Episode, ProtocolName, get_protocol
+from .sampling import TrainLoader, TrainStepSampler
 from .source import SegmentationSource, build_pools, check_pools
 from .transforms import TestTransform, TrainAugment, default_support_min_pixels
+
+EVAL_SPLITS = ("val", "test")
+"""The splits with a saved episode list."""
+
+
+class HParam:
+    """A read-only DataModule attribute that is its saved hyper-parameter of the same name.
+
+    ``save_hyperparameters()`` records every constructor argument once; these attributes read them from
+    there instead of keeping a second copy that could drift from what checkpoints and loggers record.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: pl.LightningDataModule | None, objtype: type | None = None) -> Any:
+        return self if obj is None else obj.hparams[self.name]
+
+    def __set__(self, obj: pl.LightningDataModule, value: Any) -> None:
+        raise AttributeError(
+            f"{self.name} is a constructor argument of {type(obj).__name__}: build another one"
+        )
 
 
 class EpisodeDataModule(pl.LightningDataModule):
@@ -119,29 +135,35 @@ class EpisodeDataModule(pl.LightningDataModule):
                 raise DatasetError(f"{arg} must be at least 1, got {value}")
         if batch_size is not None and batch_size < 1:
             raise DatasetError(f"batch_size must be positive (or null for the model's), got {batch_size}")
+        # The arguments themselves are read from self.hparams (HParam below); only derived values here.
         self.root = Path(root)
-        self.fold = fold
-        self.shot = shot
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.test_episodes = test_episodes
-        self.val_episodes = val_episodes
-        self.seed = seed
-        self.test_seed = test_seed
-        self.val_seed = val_seed
-        self.protocol = protocol
-        self.train_scales = train_scales
-        self.train_episodes = train_episodes
         self.support_min_pixels = (
             support_min_pixels if support_min_pixels is not None else default_support_min_pixels(image_size)
         )
-        self.pool_min_pixels = pool_min_pixels
-        self.max_shot = max_shot
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / "fewshot_cache"
         self.episode_list_dir = Path(episode_list_dir) if episode_list_dir else self.cache_dir / "episodes"
-        self.eval_batch_size = eval_batch_size
-        self.pin_memory = pin_memory
+        self._sources: dict[str, SegmentationSource] = {}
+        self._train: TrainEpisodeDataset | None = None
+        self._val: ListEpisodeDataset | None = None
+        self._test: ListEpisodeDataset | None = None
+
+    fold = HParam()
+    shot = HParam()
+    image_size = HParam()
+    batch_size = HParam()
+    num_workers = HParam()
+    test_episodes = HParam()
+    val_episodes = HParam()
+    seed = HParam()
+    test_seed = HParam()
+    val_seed = HParam()
+    protocol = HParam()
+    train_scales = HParam()
+    train_episodes = HParam()
+    pool_min_pixels = HParam()
+    max_shot = HParam()
+    eval_batch_size = HParam()
+    pin_memory = HParam()
 
     # ---- batch size -----------------------------------------------------------------------------
     @property
@@ -203,10 +225,6 @@ class EpisodeDataModule(pl.LightningDataModule):
         }
 
     # ---- sources, pools --------------------------------------------------------------------------
-    @cached_property
-    def _sources(self) -> dict[str, SegmentationSource]:
-        return {}
-
     def source(self, split: str) -> SegmentationSource:
         if split not in self._sources:
             self._sources[split] = self.make_source(split)
@@ -252,6 +270,8 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def episode_count_and_seed(self, split: str) -> tuple[int, int]:
         """(episodes, seed) of the "test" or "val" list."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"episode lists exist for the splits {EVAL_SPLITS}, not {split!r}")
         return (self.test_episodes, self.test_seed) if split == "test" else (self.val_episodes, self.val_seed)
 
     def episode_list_file(self, split: str) -> Path:
@@ -317,8 +337,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
-        """Training episodes keyed by step and rank (:class:`~datamodules.episodes.TrainStepSampler`)."""
-        if not hasattr(self, "_train"):
+        """Training episodes keyed by step and rank (:class:`~datamodules.sampling.TrainStepSampler`)."""
+        if self._train is None:
             self.setup("fit")
         batch = self.train_batch_size
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -342,12 +362,12 @@ class EpisodeDataModule(pl.LightningDataModule):
         return self._loader(self._train, batch, sampler, cls=TrainLoader)
 
     def val_dataloader(self) -> DataLoader:
-        if not hasattr(self, "_val"):
+        if self._val is None:
             self.setup("validate")
         return self._loader(self._val, self.eval_batch, _unpadded_shard_sampler(self._val))
 
     def test_dataloader(self) -> DataLoader:
-        if not hasattr(self, "_test"):
+        if self._test is None:
             self.setup("test")
         return self._loader(self._test, self.eval_batch, _unpadded_shard_sampler(self._test))
 

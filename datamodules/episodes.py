@@ -1,129 +1,59 @@
-"""Episode sampling shared by every DataModule: training episodes, saved test/val episode lists.
+"""The episode datasets: base-class training episodes by key, and fixed test / validation episodes.
 
 Samples are dicts with the ``EpisodeBatch`` fields (no batch dimension), stacked by
 ``fewshot_seg.episode.collate_episodes``. Masks travel as uint8 (cheaper between worker processes);
-the collate function turns them into int64.
+the collate function turns them into int64. Labels: ``labels.py``; saved lists: ``episode_lists.py``;
+which keys a process draws: ``sampling.py``.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from fewshot_seg.episode import IGNORE_INDEX
-
-from .cache import atomic_write_json, read_json
 from .errors import DatasetError
-from .protocols import Episode, EvalProtocol
+from .labels import LabelValues, binary_label, label_values, semantic_label
+from .protocols import Episode
 from .source import SegmentationSource
 from .transforms import TestTransform, TrainAugment, normalize_image
 
-EPISODE_LIST_VERSION = 1
-
-
-def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
-    """``[H, W]`` uint8 in {0, 1, 255}: 1 where ``class_id``, 255 kept, 0 elsewhere (other classes too)."""
-    out = (label == class_id).astype(np.uint8)
-    out[label == IGNORE_INDEX] = IGNORE_INDEX
-    return out
-
-
-def semantic_label(label: np.ndarray, novel_classes: Sequence[int]) -> np.ndarray:
-    """``[H, W]`` uint8 semantic label with the fold's novel classes set to 255 (stage-1 targets)."""
-    out = label.copy()
-    if len(novel_classes):
-        out[np.isin(label, np.asarray(novel_classes, dtype=np.uint8))] = IGNORE_INDEX
-    return out
-
-
-def load_or_make_episode_list(
-    path: str | os.PathLike,
-    protocol: EvalProtocol,
-    pools: Mapping[int, list[str]],
-    counts: Mapping[str, Mapping[int, int]],
-    num: int,
-    max_shot: int,
-    seed: int,
-) -> list[Episode]:
-    """The episode list saved at ``path``, or one drawn by ``protocol`` and written there atomically.
-
-    The file stores a fingerprint of the data it was drawn from (the class pools, and for protocols
-    that use them the novel classes present in each test image); a list drawn from other data is
-    redrawn (with a warning). A hand-written list with ``"pool_fingerprint": null`` is always used as is.
-    """
-    fingerprint = protocol.fingerprint(pools, counts)
-    data = read_json(path)
-    if isinstance(data, dict) and data.get("version") == EPISODE_LIST_VERSION:
-        if data.get("pool_fingerprint") in (None, fingerprint):
-            return [(str(q), int(c), [str(s) for s in sup]) for q, c, sup in data["episodes"]]
-        warnings.warn(f"episode list {path} was drawn from different data; redrawing it", stacklevel=2)
-    episodes = protocol.draw(pools, counts, num, max_shot, seed)
-    record = {
-        "version": EPISODE_LIST_VERSION,
-        "seed": seed,
-        "max_shot": max_shot,
-        "pool_fingerprint": fingerprint,
-        "episodes": [[q, c, s] for q, c, s in episodes],
-    }
-    if protocol.draws != "spec":  # lists drawn by SPEC's rule keep their original layout
-        record["draws"] = protocol.draws
-    atomic_write_json(path, record)
-    return episodes
-
-
-class LabelValues(NamedTuple):
-    """Label values of an episode's class in its query and supports, and of the novel classes in the query."""
-
-    query: int
-    supports: list[int]
-    novel: list[int]
-
-
-def label_values(
-    source: SegmentationSource, query: str, support_ids: Sequence[str], class_id: int, novel: Sequence[int]
-) -> LabelValues | None:
-    """The :class:`LabelValues` of an episode on a source with image-local labels; None for global ones."""
-    mapping = source.label_classes(query)
-    if mapping is None:
-        return None
-    novel_set = set(novel)
-    return LabelValues(
-        source.class_value(query, class_id),
-        [source.class_value(s, class_id) for s in support_ids],
-        sorted(v for v, c in mapping.items() if c in novel_set),
-    )
-
 
 def episode_sample(
-    q_img: np.ndarray,
-    q_lab: np.ndarray,
+    *,
+    query: np.ndarray,
+    query_label: np.ndarray,
     supports: Sequence[tuple[np.ndarray, np.ndarray]],
     class_id: int,
     novel_classes: Sequence[int],
-    valid_size: Sequence[int],
-    label_orig: np.ndarray,
     query_id: str,
     support_ids: Sequence[str],
+    valid_size: Sequence[int] | None = None,
+    scored_label: np.ndarray | None = None,
     values: LabelValues | None = None,
 ) -> dict:
     """One episode as the dict ``collate_episodes`` expects (the EpisodeBatch fields, unbatched).
 
-    Images are ``[H, W, 3]`` uint8 and labels ``[H, W]`` uint8 after the transform; ``label_orig`` is
-    the semantic label used for scoring. ``values`` gives the label values of the class (and of the
-    novel classes) when labels are image-local; None = the values are the global class ids.
+    Args:
+        query: ``[H, W, 3]`` uint8 query image after the transform.
+        query_label: ``[H, W]`` uint8 its label after the transform.
+        supports: K (image ``[H, W, 3]``, label ``[H, W]``) pairs after the transform.
+        class_id: the episode class.
+        novel_classes: the fold's novel classes (255 in the stage-1 semantic target).
+        query_id, support_ids: image ids.
+        valid_size: (h, w) of real content in the query; None = all of it (training crops).
+        scored_label: the label the evaluation protocol scores; None = ``query_label`` (training).
+        values: the label values of the class (and of the novel classes) when labels are image-local;
+            None = the values are the global class ids.
     """
     if values is None:
         values = LabelValues(class_id, [class_id] * len(supports), list(novel_classes))
+    scored = query_label if scored_label is None else scored_label
     return {
-        "query_image": normalize_image(q_img),
-        "query_mask": torch.from_numpy(binary_label(q_lab, values.query)),
+        "query_image": normalize_image(query),
+        "query_mask": torch.from_numpy(binary_label(query_label, values.query)),
         "support_images": torch.stack([normalize_image(img) for img, _ in supports]),
         "support_masks": torch.stack(
             [
@@ -132,70 +62,12 @@ def episode_sample(
             ]
         ),
         "class_id": class_id,
-        "query_semantic": torch.from_numpy(semantic_label(q_lab, values.novel)),
-        "query_valid_size": torch.tensor(valid_size),
-        "query_label_orig": torch.from_numpy(binary_label(label_orig, values.query)),
+        "query_semantic": torch.from_numpy(semantic_label(query_label, values.novel)),
+        "query_valid_size": torch.tensor(query_label.shape if valid_size is None else valid_size),
+        "query_label_orig": torch.from_numpy(binary_label(scored, values.query)),
         "query_id": query_id,
         "support_ids": list(support_ids),
     }
-
-
-TrainPosition = Callable[[], tuple[int, int, int]]
-"""Returns ``(batches done, rank, world size)`` of the running fit; read when an epoch starts."""
-
-
-class TrainStepSampler(DistributedSampler):
-    """Keys of the training episodes of this process: a function of (batch number, rank) only.
-
-    Batch ``t`` of rank ``r`` among ``W`` processes holds the global episode keys
-    ``(t * W + r) * b ... (t * W + r) * b + b - 1`` (``b`` = per-process batch), so
-
-    * every process draws different episodes, and every batch new ones;
-    * the episodes of optimisation step ``s`` over all processes are the keys
-      ``[s * G, (s + 1) * G)`` of the global batch ``G = b * W * accumulation``, whatever ``W``;
-    * the position comes from the Trainer (``position()`` when an epoch starts, after a checkpoint
-      is restored), so a resumed fit continues exactly where the interrupted one stopped.
-
-    A ``DistributedSampler`` only in type, so that Lightning keeps it under DDP instead of wrapping it
-    in its own (which would split each batch again and replay epochs).
-
-    Args:
-        batch_size: keys per batch of this process.
-        batches: batches per epoch (an epoch is only Lightning's bookkeeping here).
-        position: ``() -> (batches done, rank, world size)``.
-    """
-
-    def __init__(self, batch_size: int, batches: int, position: TrainPosition) -> None:
-        self.batch_size = batch_size
-        self.batches = batches
-        self.position = position
-
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing: the position follows the Trainer's step count, not the epoch."""
-
-    def __len__(self) -> int:
-        return self.batches * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        start, rank, world = self.position()
-        for t in range(start, start + self.batches):
-            first = (t * world + rank) * self.batch_size
-            yield from range(first, first + self.batch_size)
-
-
-class TrainLoader(DataLoader):
-    """The training DataLoader; stateful for Lightning because its position is the Trainer's step.
-
-    Lightning warns that a fit resumed mid-epoch may replay data unless the loader can be resumed.
-    :class:`TrainStepSampler` derives every batch from the restored step count, so there is no
-    iterator state to save.
-    """
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Nothing to restore (see the class docstring)."""
 
 
 class TrainEpisodeDataset(Dataset):
@@ -278,9 +150,15 @@ class TrainEpisodeDataset(Dataset):
                     s_image, s_label, rng, accept=lambda lab, v=v: int(np.count_nonzero(lab == v)) >= need
                 )
             )
-        values = label_values(self.source, q, support_ids, c, self.novel_classes)
         return episode_sample(
-            q_img, q_lab, supports, c, self.novel_classes, q_lab.shape, q_lab, q, support_ids, values
+            query=q_img,
+            query_label=q_lab,
+            supports=supports,
+            class_id=c,
+            novel_classes=self.novel_classes,
+            query_id=q,
+            support_ids=support_ids,
+            values=label_values(self.source, q, support_ids, c, self.novel_classes),
         )
 
 
@@ -320,22 +198,15 @@ class ListEpisodeDataset(Dataset):
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
         supports = [self.transform(*self.source.load(sid, c))[:2] for sid in support_ids]
-        values = label_values(self.source, q, support_ids, c, self.novel_classes)
         return episode_sample(
-            q_img, q_lab, supports, c, self.novel_classes, valid, orig, q, support_ids, values
+            query=q_img,
+            query_label=q_lab,
+            supports=supports,
+            class_id=c,
+            novel_classes=self.novel_classes,
+            query_id=q,
+            support_ids=support_ids,
+            valid_size=valid,
+            scored_label=orig,
+            values=label_values(self.source, q, support_ids, c, self.novel_classes),
         )
-
-
-def episode_list_path(
-    directory: str | os.PathLike,
-    name: str,
-    fold: int,
-    split: str,
-    num: int,
-    seed: int,
-    max_shot: int,
-    protocol: EvalProtocol,
-) -> Path:
-    """Where the ``split`` ("test" / "val") list of ``name``/``fold`` drawn by ``protocol``'s rule lives."""
-    rule = "" if protocol.draws == "spec" else f"_{protocol.draws}"
-    return Path(directory) / f"{name}_fold{fold}_{split}{rule}_n{num}_seed{seed}_maxshot{max_shot}.json"

@@ -154,15 +154,15 @@ class FolderEpisodes(Dataset):
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
         return episode_sample(
-            q_img,
-            self._semantic(q_lab),
-            self._supports(),
-            self.class_id,
-            (),
-            valid,
-            self._semantic(orig),
-            query_id,
-            [s.name for s, _ in self.supports],
+            query=q_img,
+            query_label=self._semantic(q_lab),
+            supports=self._supports(),
+            class_id=self.class_id,
+            novel_classes=(),
+            query_id=query_id,
+            support_ids=[s.name for s, _ in self.supports],
+            valid_size=valid,
+            scored_label=self._semantic(orig),
         )
 
 

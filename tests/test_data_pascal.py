@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from datamodules import Pascal5iDataModule
-from datamodules.episodes import TrainStepSampler
 from datamodules.fake import make_fake_voc
+from datamodules.sampling import TrainStepSampler
 from fewshot_seg.episode import IGNORE_INDEX, EpisodeBatch
 
 
@@ -167,3 +167,14 @@ def test_original_label_untouched_and_protocols(voc_root, tmp_path):
     sq = _dm(voc_root, tmp_path, shot=1, protocol="square480").eval_dataset("test")[0]
     assert sq["query_valid_size"].tolist() == [64, 64]
     assert sq["query_label_orig"].shape == (64, 64) and torch.equal(sq["query_label_orig"], sq["query_mask"])
+
+
+def test_arguments_are_the_saved_hyperparameters(tmp_path) -> None:
+    root = make_fake_voc(tmp_path / "voc", per_class=2)
+    dm = Pascal5iDataModule(root=str(root), fold=1, shot=2, image_size=64, test_episodes=7)
+    assert (dm.fold, dm.shot, dm.image_size, dm.test_episodes) == (1, 2, 64, 7)
+    assert dict(dm.hparams)["shot"] == 2  # one record: what checkpoints and loggers see
+    with pytest.raises(AttributeError, match="shot is a constructor argument"):
+        dm.shot = 5
+    with pytest.raises(ValueError, match="not 'train'"):
+        dm.episode_count_and_seed("train")  # was silently the validation list

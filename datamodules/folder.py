@@ -186,13 +186,10 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     Args:
         root: Folder holding ``supports/``, ``queries/`` and optionally ``masks/``.
-        fold: Unused (kept so every DataModule takes the same arguments).
         shot: Number of supports to use (the first ``shot`` by name); None = all of them.
         image_size: Side of the square model input.
         batch_size: Queries per batch.
         num_workers: DataLoader worker processes.
-        test_episodes: Unused (the episodes are the queries).
-        seed: Unused (nothing is random).
         protocol: scoring resolution: "spec" (keep aspect, pad, scored at the original size), or
             "square480" / "mmformer" (stretched to image_size squares and scored there).
         class_id: Class id reported in ``EpisodeBatch.class_id`` and ``novel_classes``.
@@ -201,13 +198,10 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str = "my_episode",
-        fold: int = 0,
         shot: int | None = None,
         image_size: int = 480,
         batch_size: int = 1,
         num_workers: int = 0,
-        test_episodes: int = 1000,
-        seed: int = 0,
         protocol: ProtocolName = "spec",
         class_id: int = 1,
     ) -> None:
@@ -216,9 +210,9 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
             raise DatasetError(f"class_id must be in 1..{IGNORE_INDEX - 1}, got {class_id}")
         self.save_hyperparameters()
         self.root = Path(root)
-        self.fold, self.shot, self.image_size = fold, shot, image_size
+        self.shot, self.image_size = shot, image_size
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.test_episodes, self.seed, self.protocol, self.class_id = test_episodes, seed, protocol, class_id
+        self.protocol, self.class_id = protocol, class_id
         self._dataset: FolderEpisodes | None = None
 
     name = "folder"

@@ -154,4 +154,4 @@ def test_test_scores_only_queries_with_masks(
     assert (summary["dataset"], summary["shot"]) == ("folder", 1)
     captured = capsys.readouterr()
     assert "2 queries without a mask not scored" in captured.err and "q0.jpg" in captured.err
-    assert "(folder fold 0 1-shot" in captured.out and "None" not in captured.out.split("(folder")[1]
+    assert "(folder 1-shot" in captured.out and "None" not in captured.out.split("(folder")[1]

@@ -84,6 +84,11 @@ def evaluation_record(datamodule: Any) -> dict[str, Any]:
     return record
 
 
+def _fold(fold: int | None) -> str:
+    """`` fold k`` of a dataset split into folds; nothing for a folder of the user's images."""
+    return "" if fold is None else f" fold {fold}"
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -119,7 +124,7 @@ def format_class_table(summary: dict) -> str:
         f"mIoU {_fmt(summary['miou'])}  FB-IoU {_fmt(summary['fbiou'])}  "
         f"oracle mIoU {_fmt(summary.get('oracle_miou'))}  "
         f"baseline mIoU {_fmt(summary.get('baseline_miou'))}  "
-        f"({summary.get('dataset')} fold {summary.get('fold')} {summary.get('shot')}-shot, "
+        f"({summary.get('dataset')}{_fold(summary.get('fold'))} {summary.get('shot')}-shot, "
         f"{summary.get('wall_time_s', 0.0):.1f} s)"
     )
     return "\n".join(lines)

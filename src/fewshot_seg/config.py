@@ -31,7 +31,8 @@ class BackboneConfig:
             through a simple feature pyramid).
         weights: ``"imagenet"`` (torchvision IMAGENET1K_V1, or timm's pretrained weights of a timm
             model; needs the file cached or a network), a local weights file, a timm pretrained tag, or
-            None (random init). Ignored in stage 2, whose backbone comes from the stage-1 checkpoint.
+            None (random init). Stage 2 loads them only without a ``stage1_checkpoint`` (the stage-1 file
+            brings the trained backbone, and a stage-2 checkpoint records ``weights: null``).
         freeze: no gradients and frozen normalisation statistics (the paper). False only without
             pretrained weights (the CPU demo trains a ResNet-18 from scratch). A ViT's feature pyramid
             is new and is trained either way.

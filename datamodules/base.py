@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fewshot_seg.contracts import model_global_batch
 from fewshot_seg.episode import collate_episodes
 
 from .episode_lists import episode_list_path, load_or_make_episode_list
@@ -343,16 +344,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         batch = self.train_batch_size
         world = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        optim = getattr(getattr(self.trainer, "lightning_module", None), "optim", None)
+        model_batch = model_global_batch(self.trainer)
         if (
             self.batch_size is not None
-            and optim is not None
-            and batch * world * accumulate != optim.batch_size
+            and model_batch is not None
+            and batch * world * accumulate != model_batch
         ):
             warnings.warn(
                 f"global batch = data batch_size {batch} x {world} process(es) x {accumulate} accumulated = "
                 f"{batch * world * accumulate} episodes per step, but the model's optim.batch_size is "
-                f"{optim.batch_size} (the paper's in the paper configs): leave data batch_size unset to "
+                f"{model_batch} (the paper's in the paper configs): leave data batch_size unset to "
                 "split the model's global batch over the processes",
                 stacklevel=2,
             )
@@ -389,19 +390,18 @@ def resolve_batch_size(trainer: pl.Trainer | None) -> int:
     Raises:
         DatasetError: the global batch cannot be split evenly (the message names both numbers).
     """
-    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
-    optim = getattr(module, "optim", None)
-    if optim is None:
+    global_batch = model_global_batch(trainer)  # the contract fewshot_seg.contracts describes
+    if global_batch is None:
         return DEFAULT_BATCH_SIZE
     world = max(1, int(trainer.world_size))
     accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
-    if optim.batch_size % (world * accumulate):
+    if global_batch % (world * accumulate):
         raise DatasetError(
-            f"the model's global batch optim.batch_size={optim.batch_size} cannot be split over {world} "
+            f"the model's global batch optim.batch_size={global_batch} cannot be split over {world} "
             f"process(es) x {accumulate} accumulated batch(es): set --model.init_args.optim.batch_size to a "
             "multiple of their product, or --data.init_args.batch_size (per process) explicitly"
         )
-    return optim.batch_size // (world * accumulate)
+    return global_batch // (world * accumulate)
 
 
 def _unpadded_shard_sampler(dataset: Dataset) -> Sampler | None:

@@ -12,7 +12,8 @@ from fewshot_seg.config import OptimizerConfig
 
 
 def _trainer(world: int, global_batch: int, accumulate: int = 1) -> SimpleNamespace:
-    module = SimpleNamespace(optim=OptimizerConfig(batch_size=global_batch))
+    # Any model with a global_batch_size (the GlobalBatchModel contract of fewshot_seg.contracts).
+    module = SimpleNamespace(global_batch_size=OptimizerConfig(batch_size=global_batch).batch_size)
     return SimpleNamespace(world_size=world, accumulate_grad_batches=accumulate, lightning_module=module)
 
 
@@ -24,3 +25,16 @@ def test_global_batch_is_split_over_processes_and_accumulation() -> None:
     assert resolve_batch_size(None) == DEFAULT_BATCH_SIZE
     with pytest.raises(DatasetError, match=r"optim.batch_size=8 cannot be split over 3 process\(es\) x 1"):
         resolve_batch_size(_trainer(3, 8))
+
+
+def test_stage_modules_fulfil_the_contracts(synthetic_root) -> None:
+    from datamodules import SyntheticDataModule
+    from fewshot_seg.config import BackboneConfig
+    from fewshot_seg.contracts import GlobalBatchModel, ScoredClassesData, data_class_ids, model_global_batch
+    from fewshot_seg.lightning import MMModule
+
+    model = MMModule(backbone=BackboneConfig(name="resnet18", weights=None), optim={"batch_size": 6})
+    dm = SyntheticDataModule(root=str(synthetic_root))
+    assert isinstance(model, GlobalBatchModel) and isinstance(dm, ScoredClassesData)
+    trainer = SimpleNamespace(lightning_module=model, datamodule=dm)
+    assert model_global_batch(trainer) == 6 and data_class_ids(trainer) == dm.novel_classes

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, as_dict
+from fewshot_seg.contracts import data_class_ids
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.evaluation import to_label_size
 from fewshot_seg.lightning.callbacks import FreezeModules
@@ -176,11 +177,13 @@ class EpisodeModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ metrics
     def _class_ids(self) -> list[int] | None:
-        if self.eval_class_ids:
-            return self.eval_class_ids
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        ids = getattr(dm, "novel_classes", None)
-        return [int(c) for c in ids] if ids else None
+        return self.eval_class_ids or data_class_ids(self._trainer)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Episodes per optimisation step over all processes (``optim.batch_size``): what a DataModule
+        without its own ``batch_size`` splits over processes (``fewshot_seg.contracts``)."""
+        return self.optim.batch_size
 
     def setup(self, stage: str) -> None:
         """Create the metrics once the DataModule (hence the class ids) is known; kept across epochs."""

@@ -56,13 +56,20 @@ class Query:
 
 def model_tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A tool's parser with the options of :meth:`Segmenter.from_checkpoint` (``segment``, ``serve``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (or the authors' released file)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--precision", default="32", choices=("32", "bf16"), help="bf16: autocast (CUDA)")
-    parser.add_argument("--image-size", type=int, default=None, help="model input side (default: trained)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available; the default) | cpu | cuda"
+    )
+    parser.add_argument(
+        "--precision",
+        default="32",
+        choices=("32", "bf16"),
+        help="32 (default) | bf16: autocast, meant for CUDA",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="model input side (default: the size it was trained at)"
+    )
     return parser
 
 
@@ -91,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass (default: 8)")
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
     return parser.parse_args(argv)

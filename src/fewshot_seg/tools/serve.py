@@ -198,9 +198,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fewshot-seg serve",
         "A local page: segment images with a stage-2 model from painted or uploaded supports.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine)")
-    parser.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
-    parser.add_argument("--max-upload-mb", type=int, default=64, help="largest request accepted")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    parser.add_argument(
+        "--max-upload-mb", type=int, default=64, help="largest request accepted, in MB (default 64)"
+    )
     return parser.parse_args(argv)
 
 

@@ -38,6 +38,12 @@ CSV_COLUMNS = (
     "baseline_miou",
     "path",
 )
+# Fields a summary must hold with these JSON types (None allowed where optional): a row of the table.
+FIELD_TYPES = (
+    *((k, int, "an integer") for k in ("fold", "shot", "seed")),
+    *((k, (int, float), "a number") for k in ("miou", "fbiou", "oracle_miou", "baseline_miou")),
+    *((k, str, "a string") for k in ("dataset", "protocol")),
+)
 
 
 class AggregateError(ValueError):
@@ -73,6 +79,10 @@ def read_summary(path: Path) -> dict[str, Any]:
     missing = [k for k in ("dataset", "fold", "shot", "miou") if data.get(k) is None]
     if missing:
         raise AggregateError(f"{path}: missing {missing}")
+    for key, kinds, what in FIELD_TYPES:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise AggregateError(f'{path}: "{key}" is the {type(value).__name__} {value!r}, expected {what}')
     return data
 
 

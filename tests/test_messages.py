@@ -73,6 +73,15 @@ def test_malformed_coco_entries_are_named(tmp_path: Path) -> None:
         (lambda d: d["images"][0].pop("height"), r"image 1000 has no 'height'"),
         (lambda d: d["annotations"][1].update(segmentation="oops"), r"annotation 2: 'segmentation' is a str"),
         (lambda d: d["annotations"][2].update(image_id=5), r"annotation 3 refers to unknown image 5"),
+        (lambda d: d["annotations"][0].update(segmentation=[]), r"annotation 1 has an empty 'segmentation'"),
+        (
+            lambda d: d["annotations"][1].update(segmentation=[[]]),
+            r"annotation 2: 'segmentation' polygon 0 is not a list of coordinates",
+        ),
+        (
+            lambda d: d["annotations"][2].update(segmentation=[[1, 2, 3, 4]]),
+            r"annotation 3: 'segmentation' has no polygon of at least 3 points",
+        ),
     ]
     for break_it, message in cases:
         broken = json.loads(json.dumps(data))
@@ -80,3 +89,16 @@ def test_malformed_coco_entries_are_named(tmp_path: Path) -> None:
         ann.write_text(json.dumps(broken))
         with pytest.raises(DatasetError, match=rf"{ann}: {message}"):
             COCOSource(root, "val", 2014)
+
+
+def test_empty_lvis_segmentation_is_named(tmp_path: Path) -> None:
+    from datamodules.fake import make_fake_lvis
+    from datamodules.lvis import LVISSource
+
+    root = make_fake_lvis(tmp_path / "lvis")
+    ann = root / "annotations" / "lvis_v1_val.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][4]["segmentation"] = []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"^{ann}: annotation 5 has an empty 'segmentation'"):
+        LVISSource(ann, root)

@@ -102,3 +102,25 @@ def test_empty_lvis_segmentation_is_named(tmp_path: Path) -> None:
     ann.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=rf"^{ann}: annotation 5 has an empty 'segmentation'"):
         LVISSource(ann, root)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_ckpt_path_missing_or_folder_is_one_line(
+    kind: str, synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    path = tmp_path / "nothing.ckpt"
+    if kind == "folder":
+        path = tmp_path / "checkpoints"
+        path.mkdir()
+    message = {"missing": "does not exist", "folder": "is a folder; expected a .ckpt / .pth file"}[kind]
+    for sub in ("fit", "test"):
+        code, err = _console(
+            monkeypatch,
+            capsys,
+            sub,
+            *STAGE1,
+            *tiny_data(synthetic_root),
+            *run_dir_args(tmp_path / "out"),
+            f"--ckpt_path={path}",
+        )
+        assert code == 2 and err == [f"error: --ckpt_path '{path}' {message}"], (sub, err)

@@ -102,9 +102,10 @@ class FewShotCLI(LightningCLI):
             return
         cfg = self.config[self.config.subcommand]
         ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
-            return
-        ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
+        keyword = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).split(":")[0] == "registry"
+        if not ckpt_path or keyword or "://" in str(ckpt_path):
+            return  # Lightning's own keywords and remote (fsspec) paths
+        ckpt = read_checkpoint(ckpt_path, "--ckpt_path")  # a missing file or a folder: one line
         hparams = ckpt.get("hyper_parameters") or {}
         model_cls = _model_class(cfg)
         stage = checkpoint_stage(ckpt) if "state_dict" in ckpt else None

@@ -124,3 +124,63 @@ def test_ckpt_path_missing_or_folder_is_one_line(
             f"--ckpt_path={path}",
         )
         assert code == 2 and err == [f"error: --ckpt_path '{path}' {message}"], (sub, err)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model.init_args.pos.num_querys=3"],
+            "error: --model.init_args.pos.num_querys: no such option of fewshot_seg.lightning.POSModule "
+            "(did you mean --model.init_args.pos.num_queries?)",
+        ),
+        (
+            ["--data.init_args.foldd=1"],
+            "error: --data.init_args.foldd: no such option of datamodules.SyntheticDataModule "
+            "(did you mean --data.init_args.fold?)",
+        ),
+        (
+            ["--trainer.max_stepz=3"],
+            "error: --trainer.max_stepz: no such option (did you mean --trainer.max_steps?)",
+        ),
+        (["--model=POSModul"], "error: --model: no class 'POSModul' (did you mean POSModule?)"),
+        (
+            ["--data=SyntheticDataModul"],
+            "error: --data: no class 'SyntheticDataModul' (did you mean SyntheticDataModule?)",
+        ),
+        (["--trainer.max_steps=abc"], "error: --trainer.max_steps: expected a <class 'int'>, got 'abc'"),
+    ],
+)
+def test_unknown_option_or_class_leads_with_the_cause(
+    args: list[str], message: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    code, err = _console(monkeypatch, capsys, "fit", *STAGE1, *args)
+    assert code == 2 and err == [message]
+
+
+def test_config_file_typos_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
+    key = tmp_path / "key.yaml"
+    key.write_text("model:\n  init_args:\n    pos:\n      num_querys: 3\n")
+    code, err = _console(monkeypatch, capsys, "fit", *STAGE1, "-c", str(key))
+    assert code == 2 and err == [
+        "error: --model.init_args.pos.num_querys: no such option of fewshot_seg.lightning.POSModule "
+        "(did you mean --model.init_args.pos.num_queries?)"
+    ]
+    cls = tmp_path / "cls.yaml"
+    cls.write_text("model:\n  class_path: fewshot_seg.lightning.POSModul\n")
+    code, err = _console(monkeypatch, capsys, "fit", *STAGE1, "-c", str(cls))
+    assert code == 2 and err == [
+        "error: --model: no class 'fewshot_seg.lightning.POSModul' "
+        "(did you mean fewshot_seg.lightning.POSModule?)"
+    ]
+
+
+def test_yaml_with_a_tab_names_the_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("trainer:\n\tmax_steps: 3\n")
+    for option in (["-c", str(tab)], [f"--config={tab}"]):
+        code, err = _console(monkeypatch, capsys, "fit", *STAGE1, *option)
+        assert code == 2 and err == [
+            f"error: config {tab}: not valid YAML at line 2, column 1: found character '\\t' that cannot "
+            "start any token (a tab: YAML indents with spaces only)"
+        ]

@@ -24,6 +24,7 @@ from fewshot_seg import config_dir
 from fewshot_seg.lightning.callbacks import BestCheckpoint
 from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
 from fewshot_seg.lightning.results import run_dir
+from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
 
 DESCRIPTION = f"""\
 fewshot-seg: MM-Former few-shot segmentation (train, evaluate, predict) with LightningCLI.
@@ -96,6 +97,24 @@ class FewShotCLI(LightningCLI):
     * W&B -> CSV logger fallback when ``wandb`` is not installed.
     * ``fit`` ends by printing the run folder and checkpoints; ``predict`` by printing where it wrote.
     """
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse; a mistake (unknown option or class, bad value, config file not YAML) is a ConfigError.
+
+        The parser is built with ``exit_on_error=False``, so jsonargparse raises instead of printing the
+        usage; :func:`~fewshot_seg.parse_errors.explain` makes its report one line with a "did you mean".
+        """
+        from jsonargparse import ArgumentError
+
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        check_config_files(argv)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub = next((a for a in argv if a in getattr(self, "_subcommand_parsers", {})), None)
+            target = self._subcommand_parsers[sub] if sub else parser
+            options = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+            raise ConfigError(explain(str(err), options)) from None
 
     def _parse_ckpt_path(self) -> None:
         if not self.config.get("subcommand"):
@@ -249,7 +268,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
-USER_ERRORS = (CheckpointError, datamodules.DatasetError)
+USER_ERRORS = (CheckpointError, datamodules.DatasetError, ConfigError)
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -293,7 +312,11 @@ def _make_cli(args: list[str] | None, run: bool) -> FewShotCLI:
         subclass_mode_data=True,
         save_config_callback=RunDirSaveConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_help_formatter()},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "formatter_class": _raw_help_formatter(),
+            "exit_on_error": False,  # parse errors become one-line ConfigErrors (parse_arguments)
+        },
         args=args,
         run=run,
         auto_configure_optimizers=False,

@@ -184,3 +184,67 @@ def test_yaml_with_a_tab_names_the_file(tmp_path: Path, monkeypatch, capsys) -> 
             f"error: config {tab}: not valid YAML at line 2, column 1: found character '\\t' that cannot "
             "start any token (a tab: YAML indents with spaces only)"
         ]
+
+
+@pytest.mark.parametrize(
+    ("stage", "every", "what"),
+    [
+        (1, 2, r"non-finite model outputs \(pred_masks"),  # caught before the Hungarian matcher
+        (
+            1,
+            1,
+            r"non-finite model outputs \(oracle\) in validation",
+        ),  # before a checkpoint is written
+        (2, 2, r"non-finite model outputs \(foreground"),  # caught before the BCE
+    ],
+)
+def test_non_finite_loss_stops_with_one_line(
+    stage: int,
+    every: int,
+    what: str,
+    synthetic_root: Path,
+    stage1_ckpt: Path,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
+) -> None:
+    import re
+
+    stage_args = (
+        [*STAGE1, "--model.init_args.loss.num_points=256"]
+        if stage == 1
+        else [*STAGE2, f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
+    )
+    code, err = _console(
+        monkeypatch,
+        capsys,
+        "fit",
+        *stage_args,
+        *tiny_data(synthetic_root),
+        *run_dir_args(tmp_path, "run"),
+        "--model.init_args.optim.lr=1e30",
+        "--trainer.max_steps=4",
+        f"--trainer.val_check_interval={every}",
+        "--trainer.enable_progress_bar=false",
+    )
+    errors = [line for line in err if line.startswith("error:") or "Traceback" in line]
+    assert code == 2 and len(errors) == 1, err[-5:]
+    assert re.match(rf"error: step 1: {what}.*lower the learning rate", errors[0]), errors[0]
+    assert "--model.init_args.optim.lr" in errors[0] and "gradient_clip_val" in errors[0]
+    # No checkpoint of diverged weights is ever written (a good one would be kept as it is).
+    for path in tmp_path.rglob("*.ckpt"):
+        weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path
+
+
+def test_diverged_weights_are_never_written(tmp_path: Path) -> None:
+    from fewshot_seg.lightning.finite import NonFiniteError, check_weights
+
+    model = torch.nn.Linear(2, 2)
+    check_weights(model, 3, "last.ckpt")  # finite: nothing to say
+    with torch.no_grad():
+        model.bias[0] = float("inf")
+    with pytest.raises(
+        NonFiniteError, match=r"^step 3: the weights hold non-finite values \(bias\); last.ckpt not"
+    ):
+        check_weights(model, 3, "last.ckpt")

@@ -23,6 +23,7 @@ import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.callbacks import BestCheckpoint
 from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
+from fewshot_seg.lightning.finite import NonFiniteError
 from fewshot_seg.lightning.results import run_dir
 from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
 
@@ -268,7 +269,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
-USER_ERRORS = (CheckpointError, datamodules.DatasetError, ConfigError)
+USER_ERRORS = (CheckpointError, datamodules.DatasetError, ConfigError, NonFiniteError)
 
 
 def user_error(err: BaseException) -> BaseException | None:

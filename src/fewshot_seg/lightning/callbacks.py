@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from torch import nn
 
+from fewshot_seg.lightning.finite import check_weights
 from fewshot_seg.models.freezing import freeze
 
 
@@ -132,6 +133,8 @@ class BestCheckpoint(ModelCheckpoint):
         self._refresh_last(trainer)  # the final weights, also when the last step was not a validation step
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Diverged weights are never written (over a good last.ckpt, or as a "best"): the run stops.
+        check_weights(trainer.lightning_module, trainer.global_step, os.path.basename(filepath))
         folder, name = os.path.split(filepath)
         tmp = os.path.join(folder, f".{name}.partial")
         super()._save_checkpoint(trainer, tmp)

@@ -63,3 +63,20 @@ def test_resume_is_bit_identical(synthetic_root: Path, tmp_path: Path, workers: 
 def test_resume_without_a_run_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no run under .* has a checkpoints/last\.ckpt"):
         _fit(synthetic_root, tmp_path, 0, N, "--ckpt_path=last")
+
+
+def test_resume_with_a_dangling_last_takes_the_newest_valid_checkpoint(
+    synthetic_root: Path, tmp_path: Path, capsys
+) -> None:
+    first = _fit(synthetic_root, tmp_path, 0, N)
+    ckpts = Path(first.trainer.checkpoint_callback.last_model_path).parent
+    best = ckpts / f"best-step{N}.ckpt"
+    assert best.is_file()
+    # A kill between deleting the old best and re-linking left last.ckpt pointing at nothing.
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").symlink_to(f"best-step{2 * N + 1}.ckpt")
+    (ckpts / f"best-step{N - 1}.ckpt").write_bytes(b"PK\x03\x04 truncated")  # newer, but not a checkpoint
+    resumed = _fit(synthetic_root, tmp_path, 0, 2 * N, "--ckpt_path=last")
+    assert resumed.trainer.global_step == 2 * N
+    err = capsys.readouterr().err
+    assert f"from {best}" in err and "last.ckpt is missing or unreadable" in err

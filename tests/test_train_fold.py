@@ -71,3 +71,18 @@ def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_pat
 def test_missing_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"config .*trainer.yaml not found: pass --config-dir"):
         train_fold(["--config-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+
+
+def test_a_dangling_last_ckpt_resumes_instead_of_restarting(tmp_path: Path) -> None:
+    import torch
+
+    from fewshot_seg.tools.train_fold import Stage
+
+    stage = Stage(tmp_path, "synthetic-fold0-seed0-stage1")
+    ckpts = stage.folder / "checkpoints"
+    ckpts.mkdir(parents=True)
+    assert stage.resume_args() == []  # nothing there: a fresh start
+    torch.save({"global_step": 4}, ckpts / "best-step4.ckpt")
+    (ckpts / "last.ckpt").symlink_to("best-step2.ckpt")  # killed while re-linking: dangling
+    # Restarting from step 0 would overwrite best-step4.ckpt: resume (from the newest usable file).
+    assert stage.resume_args() == ["--ckpt_path=last"]

@@ -22,7 +22,13 @@ import datamodules
 import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.callbacks import BestCheckpoint
-from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
+from fewshot_seg.lightning.checkpoints import (
+    STAGE_CLASS,
+    CheckpointError,
+    checkpoint_stage,
+    read_checkpoint,
+    usable_checkpoints,
+)
 from fewshot_seg.lightning.finite import NonFiniteError
 from fewshot_seg.lightning.results import run_dir
 from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
@@ -202,42 +208,57 @@ class FewShotCLI(LightningCLI):
 
 
 def _resume_last(trainer: Any, logger: Any) -> str:
-    """``--ckpt_path last``: the ``last.ckpt`` of the run to continue, whose logger version is then reused.
+    """``--ckpt_path last``: the newest usable checkpoint of the run to continue, whose version is reused.
 
     Lightning looks for ``last.ckpt`` in the folder of the *new* run, which for W&B (a fresh random id per
     run) never holds one, and then trains from scratch. Here the run is the logger's given ``version``
     or, without one, the most recently written run under the logger's ``save_dir/<project or name>``; its
-    version is set on the logger, so the fit continues in the same folder (and the same W&B run).
+    version is set on the logger, so the fit continues in the same folder (and the same W&B run). The
+    checkpoint is ``last.ckpt``, or where that is missing, dangling or unreadable (a run killed while
+    updating it) the newest loadable checkpoint beside it (``usable_checkpoints``).
 
     Raises:
-        CheckpointError: no ``last.ckpt`` to resume from (the message names where it looked).
+        CheckpointError: no usable checkpoint to resume from (the message names where it looked).
     """
     entries = logger if isinstance(logger, list) else [logger]
     entry = entries[0] if entries and entries[0] not in (None, False, True) else None
     if entry is None:  # no logger: checkpoints live in default_root_dir/checkpoints
-        path = Path(trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
-        if not path.exists():
-            raise CheckpointError(f"--ckpt_path last: no {path} to resume from")
-        return str(path)
+        folder = Path(trainer.get("default_root_dir") or ".") / "checkpoints"
+        found = usable_checkpoints(folder)
+        if not found:
+            raise CheckpointError(f"--ckpt_path last: no checkpoint under {folder} to resume from")
+        return _resuming(folder.parent, found[0])
     args = entry.init_args
     wandb = "Wandb" in str(entry.class_path)
     name = (args.get("project") if wandb else args.get("name")) or "lightning_logs"
     base = Path(args.get("save_dir") or trainer.get("default_root_dir") or ".") / str(name)
     version = args.get("version") or (args.get("id") if wandb else None)
     if version is not None:
-        path = base / str(version) / "checkpoints" / "last.ckpt"
-        if not path.exists():
-            raise CheckpointError(f"--ckpt_path last: run {base / str(version)} has no checkpoints/last.ckpt")
-    else:
-        found = sorted(base.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = usable_checkpoints(base / str(version) / "checkpoints")
         if not found:
+            raise CheckpointError(
+                f"--ckpt_path last: run {base / str(version)} has no checkpoint to resume from"
+            )
+        path = found[0]
+    else:
+        runs = [c for c in (usable_checkpoints(d) for d in base.glob("*/checkpoints")) if c]
+        if not runs:
             raise CheckpointError(
                 f"--ckpt_path last: no run under {base} has a checkpoints/last.ckpt to resume from; "
                 "start the fit without --ckpt_path"
             )
-        path = found[-1]
+        path = max(runs, key=lambda c: c[0].stat().st_mtime)[0]
         args.version = path.parent.parent.name
-    print(f"resuming run {path.parent.parent} from {path}", file=sys.stderr)
+    return _resuming(path.parent.parent, path)
+
+
+def _resuming(run: Path, path: Path) -> str:
+    why = (
+        ""
+        if path.name == "last.ckpt"
+        else " (last.ckpt is missing or unreadable: the newest usable checkpoint)"
+    )
+    print(f"resuming run {run} from {path}{why}", file=sys.stderr)
     return str(path)
 
 

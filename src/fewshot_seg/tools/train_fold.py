@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fewshot_seg import config_dir
+from fewshot_seg.lightning.checkpoints import usable_checkpoints
 from fewshot_seg.lightning.results import format_class_table
 from fewshot_seg.tools.aggregate import SUMMARY_KIND, summary_name
 
@@ -84,8 +85,13 @@ class Stage:
             return None
 
     def resume_args(self) -> list[str]:
-        """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a checkpoint."""
-        return ["--ckpt_path=last"] if (self.folder / "checkpoints" / "last.ckpt").exists() else []
+        """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a usable checkpoint.
+
+        Not only ``last.ckpt``: a run killed while re-linking it may leave it dangling beside a newer
+        best file, which a restart from step 0 would overwrite (``--ckpt_path last`` then takes the
+        newest usable file).
+        """
+        return ["--ckpt_path=last"] if usable_checkpoints(self.folder / "checkpoints") else []
 
     def finish(self, best: Path) -> Path:
         """Mark the stage done (its best checkpoint recorded); returns that checkpoint."""
@@ -96,9 +102,10 @@ class Stage:
 def best_checkpoint(stage: Stage) -> Path:
     """The stage's best checkpoint (by its validation metric), else its last one."""
     ckpts = stage.folder / "checkpoints"
-    best = sorted(ckpts.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    found = best[-1] if best else ckpts / "last.ckpt"
-    if not found.exists():
+    usable = usable_checkpoints(ckpts)  # newest first
+    best = [p for p in usable if p.name.startswith("best-")]
+    found = best[0] if best else next((p for p in usable if p.name == "last.ckpt"), None)
+    if found is None:
         raise SystemExit(f"no checkpoint was written under {ckpts}")
     return found
 

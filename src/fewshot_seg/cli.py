@@ -31,6 +31,7 @@ from fewshot_seg.lightning.checkpoints import (
 )
 from fewshot_seg.lightning.finite import NonFiniteError
 from fewshot_seg.lightning.results import run_dir
+from fewshot_seg.lightning.runlock import ReleaseOnException, RunFolderError, RunLock, check_fresh_fit
 from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
 
 DESCRIPTION = f"""\
@@ -174,13 +175,37 @@ class FewShotCLI(LightningCLI):
             self._dump_config()  # the resolved config of this run, recorded in its checkpoints and results
             self.model.run_config = self.config_dump
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start over in a run folder that holds an earlier fit's checkpoints, deleting them "
+            "(without it such a fit is refused; --ckpt_path last continues the earlier fit instead)",
+        )
+
     def before_fit(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path"):
+        cfg = self.config[self.subcommand]
+        if cfg.get("ckpt_path"):
             for callback in self.trainer.checkpoint_callbacks:
                 if isinstance(callback, BestCheckpoint):
                     callback.resuming = True
+        folder = _known_run_folder(self.trainer)
+        if folder is None or not self.trainer.is_global_zero:
+            return
+        # One fit per run folder; a fresh fit never writes over an earlier fit's checkpoints.
+        self._run_lock = RunLock(folder).acquire()
+        try:
+            if not cfg.get("ckpt_path"):
+                check_fresh_fit(folder, bool(cfg.get("overwrite")))
+        except BaseException:
+            self._run_lock.release()
+            raise
+        self.trainer.callbacks.append(ReleaseOnException(self._run_lock))
 
     def after_fit(self) -> None:
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
         if not self.trainer.is_global_zero:
             return
         folder = run_dir(self.trainer)
@@ -262,6 +287,16 @@ def _resuming(run: Path, path: Path) -> str:
     return str(path)
 
 
+def _known_run_folder(trainer: Trainer) -> Path | None:
+    """The run folder of a fit, or None where the logger picks a fresh one (W&B without a run id)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    if loggers and not isinstance(loggers[0], (CSVLogger, TensorBoardLogger)) and loggers[0].version is None:
+        return None
+    return run_dir(trainer)
+
+
 def _model_class(cfg: Any) -> type | None:
     model = cfg.get("model") if cfg is not None else None
     path = getattr(model, "class_path", None) or (
@@ -290,7 +325,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
-USER_ERRORS = (CheckpointError, datamodules.DatasetError, ConfigError, NonFiniteError)
+USER_ERRORS = (CheckpointError, datamodules.DatasetError, ConfigError, NonFiniteError, RunFolderError)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -59,7 +59,7 @@ def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_pat
     assert "stage 1: done, skipped" in printed and "stage 2, 2-shot: done, skipped" in printed
     assert "test, 1-shot: results up to date, skipped" in printed
 
-    # Other arguments than the recorded ones: refused in one line, nothing run or replaced.
+    # Other arguments than the recorded ones: refused in one line (exit 2), nothing run or replaced.
     before = (run / "summary-1shot.json").read_text()
     with pytest.raises(SystemExit) as refused:
         train_fold([*_args(synthetic_root, run), "--trainer.max_steps=3"])
@@ -82,6 +82,16 @@ def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_pat
     # One row per fold and shot in the table.
     assert aggregate([str(tmp_path), "-o", str(tmp_path / "table")]) == 0
     assert len((tmp_path / "table.csv").read_text().splitlines()) == 1 + 2 + 2
+
+    kept = (run / "summary-1shot.json").read_text()
+    # --force: the earlier run is moved aside (kept), then the fold starts over (here it stops at once).
+    with pytest.raises(SystemExit, match="stage failed"):
+        train_fold([*_args(synthetic_root, run, "--force"), "--trainer.max_stepz=3"])
+    (aside,) = run.glob("replaced-*")
+    assert (aside / "summary-1shot.json").read_text() == kept and not (run / "summary-1shot.json").exists()
+    assert "--trainer.max_stepz=3" in json.loads((run / "train_fold.json").read_text())["extra"]
+    assert aggregate([str(run)]) == 2  # the moved-aside summaries are not counted: none left
+    capsys.readouterr()
 
 
 def test_missing_config_is_named(tmp_path: Path) -> None:

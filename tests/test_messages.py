@@ -145,10 +145,19 @@ def test_ckpt_path_missing_or_folder_is_one_line(
         ),
         (["--model=POSModul"], "error: --model: no class 'POSModul' (did you mean POSModule?)"),
         (
+            ["--model.init_args.optim.lr=abc"],
+            "error: --model.init_args.optim.lr: expected float, got 'abc'",
+        ),
+        (
+            ["--data.init_args.protocol=patnett"],
+            "error: --data.init_args.protocol: 'patnett' is not one of spec, square480, mmformer, hsnet_fss, "
+            "patnet, lvis92i (did you mean patnet?)",
+        ),
+        (
             ["--data=SyntheticDataModul"],
             "error: --data: no class 'SyntheticDataModul' (did you mean SyntheticDataModule?)",
         ),
-        (["--trainer.max_steps=abc"], "error: --trainer.max_steps: expected a <class 'int'>, got 'abc'"),
+        (["--trainer.max_steps=abc"], "error: --trainer.max_steps: expected int, got 'abc'"),
     ],
 )
 def test_unknown_option_or_class_leads_with_the_cause(

@@ -77,6 +77,19 @@ def known_classes(group: str) -> list[str]:
     return names
 
 
+def _value_error(key: str, expected: Sequence[str], value: str) -> str:
+    """``--key: 'v' is not one of a, b (did you mean a?)`` or ``--key: expected float, got 'v'``."""
+    choices: list[str] = []
+    for kind in expected:
+        if kind.startswith("typing.Literal["):
+            choices += [c.strip().strip("'") for c in kind[len("typing.Literal[") : -1].split(",")]
+    choices = list(dict.fromkeys(choices))  # a union of literals may repeat values
+    if choices:
+        return f"{key}: {value!r} is not one of {', '.join(choices)}{_did_you_mean(value, choices)}"
+    kinds = " or ".join(re.sub(r"<class '([^']+)'>", r"\1", k) for k in expected)
+    return f"{key}: expected {kinds}, got {value!r}"
+
+
 def explain(message: str, options: Sequence[str]) -> str:
     """One line for a jsonargparse parse error ``message``; ``options``: the subcommand's option strings."""
     key = re.match(r'Parser key "([^"]+)"', message)
@@ -99,6 +112,10 @@ def explain(message: str, options: Sequence[str]) -> str:
             return f"{prefix}{unknown}: no such option of {class_path}{hint}"
         if re.match(r"(module '[^']+' has no attribute|No module named)", cause):
             return f"--{group}: no class {class_path!r}{_did_you_mean(class_path, known_classes(group))}"
+        body = message[problem.start(2) :]
+        if found := re.match(r'Parser key "([^"]+)":\s*Expected a (.+?)\. Got value: (.*)', body):
+            key = f"--{group}.init_args.{found.group(1)}"
+            return _value_error(key, [found.group(2)], found.group(3).strip())
     if group and (found := re.search(r"Expected a dot import path string: (\S+)", message)):
         name = found.group(1)
         return f"--{group}: no class {name!r}{_did_you_mean(name, known_classes(group))}"
@@ -109,8 +126,12 @@ def explain(message: str, options: Sequence[str]) -> str:
             name = token.split("=", 1)[0]
             parts.append(f"{name}: no such option{_did_you_mean(name, options)}")
         return "; ".join(parts)
-    if group and (found := re.search(r"Expected a (<class '[^']+'>)\. Got value: (.*)", message)):
-        return f"--{group}: expected a {found.group(1)}, got {found.group(2).strip()!r}"
+    value = re.search(r"(?:Got value|Given value): (.*)", message)
+    if group and value and not problem:
+        expected = re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", message, flags=re.MULTILINE)
+        expected = [t for t in expected if "NoneType" not in t]
+        if expected:
+            return _value_error(f"--{group}", expected, value.group(1).strip())
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     kept = [line.lstrip("- ") for line in lines if not line.lstrip("- ").startswith(_NOISE)]
     return " ".join(kept) or message.strip()

@@ -132,22 +132,25 @@ def test_a_fresh_fit_never_replaces_another_runs_checkpoints(
 
 
 def test_a_run_folder_is_owned_by_one_fit(synthetic_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import fcntl
     import json
     import os
-    import socket
 
     folder = tmp_path / "fewshot-seg" / "run"
     folder.mkdir(parents=True)
     lock = folder / ".fit.lock"
-    host = socket.gethostname()
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": host, "started": "2026-01-01 00:00:00"}))
+    # Another fit holds the folder: its lock taken, its name in the file.
+    other = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(other, json.dumps({"pid": 4242, "host": "node7", "started": "2026-01-01 00:00:00"}).encode())
     code, err = _console(monkeypatch, capsys, *_fresh(synthetic_root, tmp_path))
     assert code == 2 and err == [
-        f"error: run folder {folder} is in use by another fit (pid {os.getpid()} on {host}, since "
-        f"2026-01-01 00:00:00; lock file {lock}): wait for it, or give this fit its own run folder"
+        f"error: run folder {folder} is in use by another fit (pid 4242 on node7, since 2026-01-01 00:00:00; "
+        f"lock file {lock}): wait for it, or give this fit its own run folder"
     ]
     assert not (folder / "checkpoints").exists()
-    # The lock of a fit that died (no such process) is taken over.
-    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": host, "started": "2026-01-01 00:00:00"}))
+    # That fit ended (killed: its lock file stays, the kernel dropped the lock): the folder is taken over.
+    os.close(other)
+    assert lock.exists()
     code, err = _console(monkeypatch, capsys, *_fresh(synthetic_root, tmp_path))
     assert code == 0 and err == [] and not lock.exists()

@@ -2,16 +2,17 @@
 
 Two fits started into the same run folder (the same ``default_root_dir`` without a logger, or the same
 logger ``version``) would write their checkpoints over each other's. ``fit`` therefore takes
-``<run folder>/.fit.lock`` (pid, host, start time) before it writes anything, and refuses a folder whose
-lock belongs to a live process; the lock of a process that is gone is taken over. A *fresh* fit (no
-``--ckpt_path``) into a folder that already holds checkpoints is refused unless told to resume
-(``--ckpt_path last``) or to overwrite (``--overwrite=true``: the earlier checkpoints are deleted, and
-named).
+``<run folder>/.fit.lock`` (an exclusive ``flock``; the file names the owner) before it writes anything,
+and refuses a folder whose lock is held; a lock file left by a process that is gone is taken over. A
+*fresh* fit (no ``--ckpt_path``) into a folder that already holds checkpoints is refused unless told to
+resume (``--ckpt_path last``) or to overwrite (``--overwrite=true``: the earlier checkpoints are
+deleted, and named).
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import socket
@@ -30,23 +31,21 @@ class RunFolderError(ValueError):
     """A run folder this fit may not write into (in use by another fit, or holding another run's files)."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class RunLock:
-    """The lock file of one run folder, held by this process until :meth:`release` (or exit)."""
+    """The lock file of one run folder, held by this process until :meth:`release` (or its end).
+
+    An exclusive ``flock`` on ``<folder>/.fit.lock``, which also records the owner (pid, host, start
+    time, command) for the message a second fit gets. The kernel drops the lock when its process ends,
+    however it ends (a kill, a SLURM time limit), so a file left behind by a dead fit is simply taken
+    over; there is no staleness guess. (On a file system without locks the fit runs unlocked, with a
+    warning.)
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise RunFolderError naming the folder and its owner."""
@@ -57,14 +56,13 @@ class RunLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv),
         }
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 owner = self._owner()
-                if owner is not None and self._stale(owner):
-                    self.path.unlink(missing_ok=True)  # its fit is gone (killed): take the folder over
-                    continue
                 who = (
                     f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}; "
                     if owner
@@ -74,30 +72,38 @@ class RunLock:
                     f"run folder {self.folder} is in use by another fit ({who}lock file {self.path}): wait "
                     "for it, or give this fit its own run folder"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+            except OSError as err:  # no flock on this file system
+                os.close(fd)
+                print(
+                    f"warning: run folder {self.folder} cannot be locked ({err}); not locked", file=sys.stderr
+                )
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its owner removed the file between our open and our lock: try again
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self._fd, self.held = fd, True
             atexit.register(self.release)
             return self
-        raise RunFolderError(f"run folder {self.folder}: could not take the lock file {self.path}")
 
     def _owner(self) -> dict | None:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return None  # being written by its owner this very moment, or unreadable: in use
+            return None  # being written by its owner this very moment, or unreadable
         return data if isinstance(data, dict) else None
 
-    @staticmethod
-    def _stale(owner: dict) -> bool:
-        """The owner's process is gone (checkable only on this host)."""
-        pid = owner.get("pid")
-        return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
-
     def release(self) -> None:
-        if self.held:
+        if self.held and self._fd is not None:
             self.held = False
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiting fit then retries on a new file
+            os.close(self._fd)
+            self._fd = None
 
 
 class ReleaseOnException(Callback):

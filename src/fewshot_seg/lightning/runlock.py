@@ -12,7 +12,6 @@ deleted, and named).
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import socket
@@ -21,6 +20,11 @@ import time
 from pathlib import Path
 
 from pytorch_lightning import Callback
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): fits run unlocked
+    fcntl = None
 
 from fewshot_seg.lightning.checkpoints import checkpoint_files
 
@@ -56,7 +60,7 @@ class RunLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv),
         }
-        while True:
+        while fcntl is not None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,6 +94,7 @@ class RunLock:
             self._fd, self.held = fd, True
             atexit.register(self.release)
             return self
+        return self
 
     def _owner(self) -> dict | None:
         try:

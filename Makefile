@@ -17,6 +17,7 @@ DATA_ROOT ?=
 DEVICES ?=
 NODES ?=
 ARGS ?=
+FORCE ?=
 RUN_DIR ?= runs/$(DATASET)/fold$(FOLD)/seed$(SEED)
 SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
 SWEEP_ID ?=
@@ -31,7 +32,7 @@ DEFAULT_ROOT_synthetic := data/synthetic
 DEFAULT_ROOT_pascal := data/VOCdevkit/VOC2012
 DEFAULT_ROOT_coco := data/coco
 TRAIN_FOLD = $(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES))
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES)) $(if $(FORCE),--force)
 
 .PHONY: help
 help: ## List the targets and their variables
@@ -45,6 +46,7 @@ help: ## List the targets and their variables
 	@echo "  DEVICES=$(DEVICES) NODES=$(NODES)  --trainer.devices / --trainer.num_nodes (multi-GPU: docs/distributed.md)"
 	@echo "  RUN_DIR=$(RUN_DIR)"
 	@echo "  ARGS=\"$(ARGS)\"  extra fewshot-seg arguments, e.g. ARGS=\"--trainer.max_steps=100\""
+	@echo "  FORCE=$(FORCE)  1: train-fold/train-all start a fold over when its arguments changed (earlier run moved aside)"
 	@echo "  CKPT=$(CKPT)  a stage-2 checkpoint (test-fold)"
 	@echo "  SWEEP=$(SWEEP)  SWEEP_ID=$(SWEEP_ID)  COUNT=$(COUNT)  (sweep, agent)"
 

@@ -6,7 +6,7 @@ import hashlib
 import warnings
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch.distributed as dist
@@ -84,6 +84,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         episode_list_dir: str | None = None,
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
+        image_resize: Literal["cv2", "pil"] | None = None,
     ) -> None:
         """Arguments shared by every episode DataModule (subclasses add their own and pass these on).
 
@@ -119,6 +120,10 @@ class EpisodeDataModule(pl.LightningDataModule):
             episode_list_dir: Where episode lists go; default ``<cache_dir>/episodes``.
             eval_batch_size: Batch size of validation/test loaders; default the training batch size.
             pin_memory: Pin loader memory (faster host-to-GPU copies).
+            image_resize: How validation/test images are resized: "cv2" (OpenCV bilinear, no
+                antialiasing) or "pil" (torchvision ``Resize`` of the PIL image, antialiased bilinear:
+                the published HSNet / PATNet loaders). None = the protocol's (``pil`` for "hsnet_fss"
+                and "patnet", ``cv2`` otherwise). Training augmentation is unaffected.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -131,6 +136,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         if image_size < 8:
             raise DatasetError(f"image_size must be at least 8, got {image_size}")
         self.eval_protocol = get_protocol(protocol)
+        if image_resize not in (None, "cv2", "pil"):
+            raise DatasetError(
+                f"image_resize must be 'cv2' or 'pil' (or null for the protocol's), got {image_resize!r}"
+            )
+        self.image_resize = image_resize or self.eval_protocol.image_resize
         for arg, value in (("test_episodes", test_episodes), ("val_episodes", val_episodes)):
             if value is not None and value < 1:  # None: the protocol's own count (e.g. FSS-1000)
                 raise DatasetError(f"{arg} must be at least 1, got {value}")
@@ -223,6 +233,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             "seeds": {"train": self.seed, "test": self.test_seed, "val": self.val_seed},
             "pool_min_pixels": self.pool_min_pixels,
             "episode_lists": lists,
+            # Recorded where it is not the plain OpenCV resize (older records have none: "cv2").
+            **({"image_resize": self.image_resize} if self.image_resize != "cv2" else {}),
         }
 
     # ---- sources, pools --------------------------------------------------------------------------
@@ -304,7 +316,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.episode_list(split),
             self.shot,
             self.novel_classes,
-            TestTransform(self.image_size, self.eval_protocol.square),
+            TestTransform(self.image_size, self.eval_protocol.square, self.image_resize),
         )
 
     # ---- Lightning hooks -------------------------------------------------------------------------

@@ -97,8 +97,30 @@ def group_annotations(ann_file: Path, data: dict) -> dict[str, list[dict]]:
         segm = _field(a, "segmentation", (list, dict), where, "annotation")
         if isinstance(segm, dict) and not {"size", "counts"} <= set(segm):
             raise DatasetError(f"{where}: annotation {a.get('id')} has an RLE without 'size' and 'counts'")
+        if isinstance(segm, list):
+            _check_polygons(segm, where, a.get("id"))
         by_image[key].append(a)
     return by_image
+
+
+def _check_polygons(segm: list, where: str, ident: object) -> None:
+    """Polygons pycocotools can rasterise: a non-empty list of coordinate lists, one of 3+ points.
+
+    (pycocotools fails on these with an IndexError or TypeError that names neither file nor annotation;
+    a lone 4-number list it would even read as a box.)
+    """
+    if not segm:
+        raise DatasetError(f"{where}: annotation {ident} has an empty 'segmentation' (no polygon, no RLE)")
+    for i, part in enumerate(segm):
+        if not isinstance(part, list) or not part or not isinstance(part[0], (int, float)):
+            raise DatasetError(
+                f"{where}: annotation {ident}: 'segmentation' polygon {i} is not a list of coordinates: "
+                f"{str(part)[:60]}"
+            )
+    if max(len(part) for part in segm) < 6:
+        raise DatasetError(
+            f"{where}: annotation {ident}: 'segmentation' has no polygon of at least 3 points (6 numbers)"
+        )
 
 
 def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarray:

@@ -20,9 +20,11 @@ DEEPGLOBE_CLASSES = ("agriculture_land", "urban_land", "rangeland", "forest_land
 """Deepglobe class of PATNet's folders 1..6 (the colour order of PATNet ``data/preprocess.py``, named
 with the DeepGlobe land-cover palette: yellow, cyan, magenta, green, blue, white)."""
 
-ISIC_CLASSES = ("seborrheic_keratosis", "nevus", "melanoma")
+ISIC_CLASSES = ("nevus", "melanoma", "seborrheic_keratosis")
 """Diagnosis of the ISIC folders 1, 2, 3. PATNet's code does not say; this is the mapping of the only
-sorting script found (docs/benchmarks.md). Override with ``class_names``."""
+public sorting script, DMTNet's ``data/isic_preprocess.py`` (ChenJiayi68/DMTNet), which sorts PATNet's
+``class_id.csv`` into folders 1 nevus, 2 melanoma, 3 seborrheic keratosis (docs/benchmarks.md).
+Override with ``class_names``."""
 
 DEEPGLOBE_LAYOUT = """expected layout under the root (PATNet's preprocessed Deepglobe, 408 x 408 tiles):
   <c>/test/origin/<tile>.jpg          for c = 1..6 (one folder per class)
@@ -137,7 +139,7 @@ class ISIC2018DataModule(_CrossDomainDataModule):
 
     Args:
         root: The ISIC folder holding both ISIC2018 folders.
-        class_names: Names of folders 1, 2, 3; default seborrheic_keratosis, nevus, melanoma.
+        class_names: Names of folders 1, 2, 3; default nevus, melanoma, seborrheic_keratosis.
     """
 
     name = "isic2018"

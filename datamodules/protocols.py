@@ -60,6 +60,9 @@ class EvalProtocol(ABC):
     """Name of the episode-drawing rule; protocols that draw alike share saved lists."""
     published_size: ClassVar[int | None] = None
     """The ``image_size`` the published numbers of this protocol were scored at (None: not fixed)."""
+    image_resize: ClassVar[str] = "cv2"
+    """How test images are resized by default: "cv2" (OpenCV bilinear, no antialiasing) or "pil"
+    (torchvision ``Resize`` of the PIL image: antialiased bilinear, what the published loaders do)."""
 
     def fingerprint(self, pools: Mapping[int, Sequence[str]], counts: Mapping[str, Mapping[int, int]]) -> str:
         """A hash of what :meth:`draw` reads: a saved list with another fingerprint is redrawn."""
@@ -202,6 +205,7 @@ class HSNetFSSProtocol(EvalProtocol):
     square = True
     draws = "hsnet_fss"
     published_size = 400
+    image_resize = "pil"  # juhongm999/hsnet data/dataset.py: transforms.Resize on PIL images
 
     def draw(self, pools, counts, num, max_shot, seed):
         pairs = [(q, c) for c in sorted(pools) for q in pools[c]]
@@ -230,6 +234,7 @@ class PATNetProtocol(EvalProtocol):
     square = True
     draws = "round_robin"
     published_size = 400
+    image_resize = "pil"  # slei109/PATNet data/dataset.py: transforms.Resize on PIL images
 
     def draw(self, pools, counts, num, max_shot, seed):
         classes = sorted(pools)
@@ -256,6 +261,7 @@ class LVIS92iProtocol(PATNetProtocol):
 
     name = "lvis92i"
     published_size = 518
+    image_resize = "cv2"  # Matcher's loader not checked: unchanged
 
 
 PROTOCOLS: dict[str, EvalProtocol] = {

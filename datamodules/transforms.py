@@ -12,6 +12,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD
 
@@ -143,11 +144,16 @@ class TestTransform:
     bottom/right to a square with the mean pixel (0 after normalisation) and label 255; the valid size
     is the resized extent. ``square=True``: resize image and label to ``image_size x image_size``
     without keeping the aspect ratio (image bilinear, label nearest, as the reference's evaluator).
+
+    ``resize="cv2"``: the image is resized with OpenCV's bilinear interpolation (no antialiasing);
+    ``"pil"``: with PIL's bilinear filter, as torchvision's ``Resize`` does on PIL images (antialiased
+    when shrinking: the published HSNet / PATNet loaders). Labels are always resized nearest-neighbour.
     """
 
-    def __init__(self, image_size: int, square: bool = False) -> None:
+    def __init__(self, image_size: int, square: bool = False, resize: str = "cv2") -> None:
         self.image_size = image_size
         self.square = square
+        self.resize_mode = resize
         if not square:
             self.resize = A.Compose([A.LongestMaxSize(max_size=image_size)])
             self.pad = A.Compose(
@@ -172,6 +178,9 @@ class TestTransform:
         """-> (image ``[S, S, 3]`` uint8, label ``[S, S]`` uint8, valid (h, w) inside the square)."""
         out = self.resize(image=image, mask=label)
         valid = (int(out["mask"].shape[0]), int(out["mask"].shape[1]))
+        if self.resize_mode == "pil":
+            size = (valid[1], valid[0])  # PIL: (width, height)
+            out["image"] = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         if self.pad is not None:
             out = self.pad(image=out["image"], mask=out["mask"])
         return out["image"], out["mask"], valid

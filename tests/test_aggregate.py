@@ -100,3 +100,29 @@ def test_protocols_are_never_averaged(tmp_path: Path) -> None:
     md = (tmp_path / "t.md").read_text()
     assert "protocol spec" in md and "protocol mmformer" in md
     assert "**59.00**" in md and "**50.00**" in md
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("miou", "69.1", r'"miou" is the str \'69.1\', expected a number'),
+        ("fold", "zero", r'"fold" is the str \'zero\', expected an integer'),
+        ("shot", 1.5, r'"shot" is the float 1.5, expected an integer'),
+        ("oracle_miou", [1], r'"oracle_miou" is the list \[1\], expected a number'),
+        ("seed", True, r'"seed" is the bool True, expected an integer'),
+    ],
+)
+def test_wrong_field_types_name_file_and_field(
+    field: str, value: object, message: str, tmp_path: Path, capsys
+) -> None:
+    _four_folds(tmp_path)
+    bad = tmp_path / "fold2" / "seed0" / summary_name(1)
+    data = json.loads(bad.read_text())
+    data[field] = value
+    bad.write_text(json.dumps(data))
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}: ")
+    with pytest.raises(AggregateError, match=message):
+        collect(find_summaries([tmp_path]))

@@ -145,3 +145,26 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch: pytest.Monkey
     # The interrupted save left only its temporary file; every real name still loads as before.
     assert (ckpt / "best-step2.ckpt").read_bytes() == before
     assert not any(p.name.startswith("best") and p.stat().st_size < 100 for p in ckpt.iterdir())
+
+
+def test_a_kill_while_last_is_relinked_never_leaves_it_dangling(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    # Best at step 2 (last.ckpt -> best-step2.ckpt), a better one at step 4: killed while re-linking.
+    real_symlink = os.symlink
+    calls = []
+
+    def killed(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 2:  # the second link: last.ckpt -> best-step4.ckpt
+            raise RuntimeError("killed")
+        return real_symlink(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "symlink", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        _checkpointed_fit(tmp_path, [1.0, 5.0], steps=4)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists(), "last.ckpt dangles (its target was deleted before it was re-linked)"
+    assert torch.load(last, weights_only=True)["global_step"] in (2, 4)

@@ -100,12 +100,11 @@ def test_deepglobe_tiles_per_class_folder(roots: dict, tmp_path: Path) -> None:
 
 def test_isic_class_folders_and_names(roots: dict, tmp_path: Path) -> None:
     dm = _dm("isic2018", roots["isic2018"], tmp_path)
-    assert [dm.class_name(c) for c in (1, 2, 3)] == ["seborrheic_keratosis", "nevus", "melanoma"]
+    # DMTNet's sorting script (ChenJiayi68/DMTNet data/isic_preprocess.py): 1 nevus, 2 melanoma, 3 SK.
+    assert [dm.class_name(c) for c in (1, 2, 3)] == ["nevus", "melanoma", "seborrheic_keratosis"]
     assert len(dm.pools("test", [1, 2, 3])[2]) == 5
-    renamed = _dm(
-        "isic2018", roots["isic2018"], tmp_path, class_names=["nevus", "melanoma", "seborrheic_keratosis"]
-    )
-    assert renamed.provenance()["class_names"] == {"1": "nevus", "2": "melanoma", "3": "seborrheic_keratosis"}
+    renamed = _dm("isic2018", roots["isic2018"], tmp_path, class_names=["a", "b", "c"])
+    assert renamed.provenance()["class_names"] == {"1": "a", "2": "b", "3": "c"}
 
 
 def test_chestxray_naming(roots: dict, tmp_path: Path) -> None:
@@ -140,7 +139,7 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         _dm("isic2018", isic, tmp_path).setup("test")
     shutil.rmtree(isic / "ISIC2018_Task1-2_Training_Input" / "3")
     with pytest.raises(
-        DatasetError, match=r"class folder 3 \(melanoma; sort the images by diagnosis\) not found"
+        DatasetError, match=r"class folder 3 \(seborrheic_keratosis; sort the images by diagnosis\) not found"
     ):
         _dm("isic2018", isic, tmp_path).setup("test")
 
@@ -157,3 +156,28 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     (cxr / "masks" / "CHNCXR_0002_1_mask.png").unlink()
     with pytest.raises(DatasetError, match=r"mask .*CHNCXR_0003_0_mask.png is a colour label"):
         _dm("chestxray", cxr, tmp_path).setup("test")
+
+
+def _published_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """What PATNet / HSNet feed the model: torchvision ``Resize((size, size))`` of the PIL image."""
+    from torchvision import transforms
+
+    return np.asarray(transforms.Resize((size, size))(Image.fromarray(image)))
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_published_antialiased_resize_is_the_default(name: str, tmp_path: Path) -> None:
+    root = SETS[name][1](tmp_path / name, size=(300, 260))  # shrunk to 48: where antialiasing matters
+    dm = _dm(name, root, tmp_path)
+    assert dm.image_resize == "pil" and dm.provenance()["image_resize"] == "pil"
+    dm.setup("test")
+    query_id = dm.episode_list("test")[0][0]
+    image = dm.source("test").load_image(query_id)
+    expected = _published_resize(image, 48)
+    got, _, _ = dm._test.transform(image, np.zeros(image.shape[:2], np.uint8))
+    assert np.array_equal(got, expected)
+    # The cv2 resize of the other protocols stays available, and is not the same input.
+    plain = _dm(name, root, tmp_path, image_resize="cv2")
+    plain.setup("test")
+    other, _, _ = plain._test.transform(image, np.zeros(image.shape[:2], np.uint8))
+    assert np.abs(other.astype(int) - expected.astype(int)).mean() > 1.0

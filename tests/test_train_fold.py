@@ -52,9 +52,25 @@ def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_pat
     ]
     capsys.readouterr()
 
-    # Again: every stage is done, nothing runs.
+    # Again: every stage is done, nothing runs, and it says so.
     train_fold(_args(synthetic_root, run, "--shots", "1", "2"))
-    assert "$ " not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "$ " not in printed
+    assert "stage 1: done, skipped" in printed and "stage 2, 2-shot: done, skipped" in printed
+    assert "test, 1-shot: results up to date, skipped" in printed
+
+    # Other arguments than the recorded ones: refused in one line (exit 2), nothing run or replaced.
+    before = (run / "summary-1shot.json").read_text()
+    with pytest.raises(SystemExit) as refused:
+        train_fold([*_args(synthetic_root, run), "--trainer.max_steps=3"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {run} was trained with other arguments (--trainer.max_steps: 2 -> 3): pass --force to "
+        f"start this fold over (the earlier run is moved into {run}/replaced-<time>/), or use another "
+        "--run-dir"
+    ]
+    assert (run / "summary-1shot.json").read_text() == before
 
     # An interrupted stage 2 (checkpoint written, never marked done) resumes from its last.ckpt.
     (run / "fewshot-seg" / "synthetic-fold0-seed0-stage2-1shot" / "done.json").unlink()
@@ -67,7 +83,48 @@ def test_train_fold_writes_one_summary_and_resumes(synthetic_root: Path, tmp_pat
     assert aggregate([str(tmp_path), "-o", str(tmp_path / "table")]) == 0
     assert len((tmp_path / "table.csv").read_text().splitlines()) == 1 + 2 + 2
 
+    kept = (run / "summary-1shot.json").read_text()
+    # --force: the earlier run is moved aside (kept), then the fold starts over (here it stops at once).
+    with pytest.raises(SystemExit, match="stage failed"):
+        train_fold([*_args(synthetic_root, run, "--force"), "--trainer.max_stepz=3"])
+    (aside,) = run.glob("replaced-*")
+    assert (aside / "summary-1shot.json").read_text() == kept and not (run / "summary-1shot.json").exists()
+    assert "--trainer.max_stepz=3" in json.loads((run / "train_fold.json").read_text())["extra"]
+    assert aggregate([str(run)]) == 2  # the moved-aside summaries are not counted: none left
+    capsys.readouterr()
+
 
 def test_missing_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"config .*trainer.yaml not found: pass --config-dir"):
         train_fold(["--config-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+
+
+def test_a_dangling_last_ckpt_resumes_instead_of_restarting(tmp_path: Path) -> None:
+    import torch
+
+    from fewshot_seg.tools.train_fold import Stage
+
+    stage = Stage(tmp_path, "synthetic-fold0-seed0-stage1")
+    ckpts = stage.folder / "checkpoints"
+    ckpts.mkdir(parents=True)
+    assert stage.resume_args() == []  # nothing there: a fresh start
+    torch.save({"global_step": 4}, ckpts / "best-step4.ckpt")
+    (ckpts / "last.ckpt").symlink_to("best-step2.ckpt")  # killed while re-linking: dangling
+    # Restarting from step 0 would overwrite best-step4.ckpt: resume (from the newest usable file).
+    assert stage.resume_args() == ["--ckpt_path=last"]
+
+
+def test_force_moves_the_earlier_run_aside(synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    from fewshot_seg.tools.train_fold import RECORD, move_aside
+
+    run = tmp_path / "fold0"
+    (run / "fewshot-seg" / "x-stage1" / "checkpoints").mkdir(parents=True)
+    (run / "fewshot-seg" / "x-stage1" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (run / "summary-1shot.json").write_text("{}")
+    (run / RECORD).write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    aside = move_aside(run)
+    assert aside.parent == run and aside.name.startswith("replaced-")
+    assert (aside / "fewshot-seg" / "x-stage1" / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
+    assert (aside / "summary-1shot.json").exists() and (aside / RECORD).exists()
+    assert sorted(p.name for p in run.iterdir()) == sorted([aside.name, "notes.txt"])  # the user's file stays

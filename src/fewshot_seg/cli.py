@@ -24,9 +24,18 @@ import datamodules
 import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.callbacks import BestCheckpoint
-from fewshot_seg.lightning.checkpoints import STAGE_CLASS, CheckpointError, checkpoint_stage, read_checkpoint
+from fewshot_seg.lightning.checkpoints import (
+    STAGE_CLASS,
+    CheckpointError,
+    checkpoint_stage,
+    read_checkpoint,
+    usable_checkpoints,
+)
+from fewshot_seg.lightning.finite import NonFiniteError
 from fewshot_seg.lightning.prediction import OutputError, PredictionWriter
 from fewshot_seg.lightning.results import run_dir
+from fewshot_seg.lightning.runlock import ReleaseOnException, RunFolderError, RunLock, check_fresh_fit
+from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
 
 DESCRIPTION = f"""\
 fewshot-seg: MM-Former few-shot segmentation (train, evaluate, predict) with LightningCLI.
@@ -107,14 +116,33 @@ class FewShotCLI(LightningCLI):
     * ``fit`` ends by printing the run folder and checkpoints; ``predict`` by printing where it wrote.
     """
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse; a mistake (unknown option or class, bad value, config file not YAML) is a ConfigError.
+
+        The parser is built with ``exit_on_error=False``, so jsonargparse raises instead of printing the
+        usage; :func:`~fewshot_seg.parse_errors.explain` makes its report one line with a "did you mean".
+        """
+        from jsonargparse import ArgumentError
+
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        check_config_files(argv)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub = next((a for a in argv if a in getattr(self, "_subcommand_parsers", {})), None)
+            target = self._subcommand_parsers[sub] if sub else parser
+            options = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+            raise ConfigError(explain(str(err), options)) from None
+
     def _parse_ckpt_path(self) -> None:
         if not self.config.get("subcommand"):
             return
         cfg = self.config[self.config.subcommand]
         ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc") or not Path(ckpt_path).is_file():
-            return
-        ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
+        keyword = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).split(":")[0] == "registry"
+        if not ckpt_path or keyword or "://" in str(ckpt_path):
+            return  # Lightning's own keywords and remote (fsspec) paths
+        ckpt = read_checkpoint(ckpt_path, "--ckpt_path")  # a missing file or a folder: one line
         hparams = ckpt.get("hyper_parameters") or {}
         model_cls = _model_class(cfg)
         stage = checkpoint_stage(ckpt) if "state_dict" in ckpt else None
@@ -159,13 +187,37 @@ class FewShotCLI(LightningCLI):
             self._dump_config()  # the resolved config of this run, recorded in its checkpoints and results
             self.model.run_config = self.config_dump
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start over in a run folder that holds an earlier fit's checkpoints, deleting them "
+            "(without it such a fit is refused; --ckpt_path last continues the earlier fit instead)",
+        )
+
     def before_fit(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path"):
+        cfg = self.config[self.subcommand]
+        if cfg.get("ckpt_path"):
             for callback in self.trainer.checkpoint_callbacks:
                 if isinstance(callback, BestCheckpoint):
                     callback.resuming = True
+        folder = _known_run_folder(self.trainer)
+        if folder is None or not self.trainer.is_global_zero:
+            return
+        # One fit per run folder; a fresh fit never writes over an earlier fit's checkpoints.
+        self._run_lock = RunLock(folder).acquire()
+        try:
+            if not cfg.get("ckpt_path"):
+                check_fresh_fit(folder, bool(cfg.get("overwrite")))
+        except BaseException:
+            self._run_lock.release()
+            raise
+        self.trainer.callbacks.append(ReleaseOnException(self._run_lock))
 
     def after_fit(self) -> None:
+        if getattr(self, "_run_lock", None) is not None:
+            self._run_lock.release()
         if not self.trainer.is_global_zero:
             return
         folder = run_dir(self.trainer)
@@ -194,43 +246,68 @@ class FewShotCLI(LightningCLI):
 
 
 def _resume_last(trainer: Any, logger: Any) -> str:
-    """``--ckpt_path last``: the ``last.ckpt`` of the run to continue, whose logger version is then reused.
+    """``--ckpt_path last``: the newest usable checkpoint of the run to continue, whose version is reused.
 
     Lightning looks for ``last.ckpt`` in the folder of the *new* run, which for W&B (a fresh random id per
     run) never holds one, and then trains from scratch. Here the run is the logger's given ``version``
     or, without one, the most recently written run under the logger's ``save_dir/<project or name>``; its
-    version is set on the logger, so the fit continues in the same folder (and the same W&B run).
+    version is set on the logger, so the fit continues in the same folder (and the same W&B run). The
+    checkpoint is ``last.ckpt``, or where that is missing, dangling or unreadable (a run killed while
+    updating it) the newest loadable checkpoint beside it (``usable_checkpoints``).
 
     Raises:
-        CheckpointError: no ``last.ckpt`` to resume from (the message names where it looked).
+        CheckpointError: no usable checkpoint to resume from (the message names where it looked).
     """
     entries = logger if isinstance(logger, list) else [logger]
     entry = entries[0] if entries and entries[0] not in (None, False, True) else None
     if entry is None:  # no logger: checkpoints live in default_root_dir/checkpoints
-        path = Path(trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
-        if not path.exists():
-            raise CheckpointError(f"--ckpt_path last: no {path} to resume from")
-        return str(path)
+        folder = Path(trainer.get("default_root_dir") or ".") / "checkpoints"
+        found = usable_checkpoints(folder)
+        if not found:
+            raise CheckpointError(f"--ckpt_path last: no checkpoint under {folder} to resume from")
+        return _resuming(folder.parent, found[0])
     args = entry.init_args
     wandb = "Wandb" in str(entry.class_path)
     name = (args.get("project") if wandb else args.get("name")) or "lightning_logs"
     base = Path(args.get("save_dir") or trainer.get("default_root_dir") or ".") / str(name)
     version = args.get("version") or (args.get("id") if wandb else None)
     if version is not None:
-        path = base / str(version) / "checkpoints" / "last.ckpt"
-        if not path.exists():
-            raise CheckpointError(f"--ckpt_path last: run {base / str(version)} has no checkpoints/last.ckpt")
-    else:
-        found = sorted(base.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = usable_checkpoints(base / str(version) / "checkpoints")
         if not found:
+            raise CheckpointError(
+                f"--ckpt_path last: run {base / str(version)} has no checkpoint to resume from"
+            )
+        path = found[0]
+    else:
+        runs = [c for c in (usable_checkpoints(d) for d in base.glob("*/checkpoints")) if c]
+        if not runs:
             raise CheckpointError(
                 f"--ckpt_path last: no run under {base} has a checkpoints/last.ckpt to resume from; "
                 "start the fit without --ckpt_path"
             )
-        path = found[-1]
+        path = max(runs, key=lambda c: c[0].stat().st_mtime)[0]
         args.version = path.parent.parent.name
-    print(f"resuming run {path.parent.parent} from {path}", file=sys.stderr)
+    return _resuming(path.parent.parent, path)
+
+
+def _resuming(run: Path, path: Path) -> str:
+    why = (
+        ""
+        if path.name == "last.ckpt"
+        else " (last.ckpt is missing or unreadable: the newest usable checkpoint)"
+    )
+    print(f"resuming run {run} from {path}{why}", file=sys.stderr)
     return str(path)
+
+
+def _known_run_folder(trainer: Trainer) -> Path | None:
+    """The run folder of a fit, or None where the logger picks a fresh one (W&B without a run id)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    if loggers and not isinstance(loggers[0], (CSVLogger, TensorBoardLogger)) and loggers[0].version is None:
+        return None
+    return run_dir(trainer)
 
 
 def _model_class(cfg: Any) -> type | None:
@@ -261,7 +338,14 @@ def main(args: list[str] | None = None, run: bool = True) -> FewShotCLI:
             _finish_wandb()
 
 
-USER_ERRORS = (CheckpointError, OutputError, datamodules.DatasetError)
+USER_ERRORS = (
+    CheckpointError,
+    datamodules.DatasetError,
+    ConfigError,
+    NonFiniteError,
+    OutputError,
+    RunFolderError,
+)
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -308,7 +392,11 @@ def _make_cli(args: list[str] | None, run: bool) -> FewShotCLI:
         subclass_mode_data=True,
         save_config_callback=RunDirSaveConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": _raw_help_formatter()},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "formatter_class": _raw_help_formatter(),
+            "exit_on_error": False,  # parse errors become one-line ConfigErrors (parse_arguments)
+        },
         args=args,
         run=run,
         auto_configure_optimizers=False,

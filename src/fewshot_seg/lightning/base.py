@@ -15,6 +15,7 @@ from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.evaluation import to_label_size
 from fewshot_seg.lightning.callbacks import FreezeModules
 from fewshot_seg.lightning.checkpoints import STAGE_KEY, CheckpointError
+from fewshot_seg.lightning.finite import check_outputs
 from fewshot_seg.lightning.optim import build_optimizer, resolve_max_steps
 from fewshot_seg.lightning.prediction import PredictionWriter
 from fewshot_seg.lightning.provenance import (
@@ -209,6 +210,9 @@ class EpisodeModule(pl.LightningModule):
 
     def _eval_step(self, batch: EpisodeBatch, split: str, batch_idx: int) -> None:
         maps = self.evaluate(batch)
+        if split == "val" and self._trainer is not None and self.trainer.state.fn == "fit":
+            # A fit's validation of diverged weights: stop before a checkpoint of them is written.
+            check_outputs(self, maps, "in validation")
         metrics = self.metrics[split]
         for name, fg in maps.items():
             preds = to_label_size(fg, batch.query_valid_size, batch.original_sizes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from torch import nn
 
+from fewshot_seg.lightning.finite import check_weights
 from fewshot_seg.models.freezing import freeze
 
 
@@ -98,6 +100,7 @@ class BestCheckpoint(ModelCheckpoint):
             enable_version_counter=enable_version_counter,
             **kwargs,
         )
+        self._deferred: list[str] = []  # files to remove once last.ckpt no longer links to them
         self.resuming = False  # set by the CLI for `fit --ckpt_path ...` (Lightning restores after setup)
         self._stage = "fit"
 
@@ -130,8 +133,11 @@ class BestCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._refresh_last(trainer)  # the final weights, also when the last step was not a validation step
+        self._remove_deferred(trainer)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Diverged weights are never written (over a good last.ckpt, or as a "best"): the run stops.
+        check_weights(trainer.lightning_module, trainer.global_step, os.path.basename(filepath))
         folder, name = os.path.split(filepath)
         tmp = os.path.join(folder, f".{name}.partial")
         super()._save_checkpoint(trainer, tmp)
@@ -146,12 +152,46 @@ class BestCheckpoint(ModelCheckpoint):
         same_step = self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step
         if not same_step:
             super()._save_last_checkpoint(trainer, monitor_candidates)
+        else:
+            filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            previous, self.last_model_path = self.last_model_path, filepath
+            self._link_checkpoint(trainer, self._last_checkpoint_saved, filepath)
+            if (
+                previous
+                and previous != filepath
+                and self._should_remove_checkpoint(trainer, previous, filepath)
+            ):
+                self._remove_checkpoint(trainer, previous)
+        self._remove_deferred(trainer)  # last.ckpt is in place: the file it used to link to may go
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # The old best file that last.ckpt still links to is removed only after last.ckpt is re-linked
+        # (Lightning removes it first: a kill in between left last.ckpt dangling).
+        last = self.last_model_path
+        if last and os.path.islink(last) and os.path.realpath(last) == os.path.realpath(filepath):
+            self._deferred.append(filepath)
             return
-        filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
-        previous, self.last_model_path = self.last_model_path, filepath
-        self._link_checkpoint(trainer, self._last_checkpoint_saved, filepath)
-        if previous and previous != filepath and self._should_remove_checkpoint(trainer, previous, filepath):
-            self._remove_checkpoint(trainer, previous)
+        super()._remove_checkpoint(trainer, filepath)
+
+    def _remove_deferred(self, trainer: pl.Trainer) -> None:
+        pending, self._deferred = self._deferred, []
+        for filepath in pending:
+            self._remove_checkpoint(trainer, filepath)  # deferred again if last.ckpt still links to it
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """``linkpath`` -> ``filepath`` as a relative symbolic link, replaced atomically (never missing)."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            folder, name = os.path.split(linkpath)
+            tmp = os.path.join(folder, f".{name}.link-partial")
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            try:
+                os.symlink(os.path.relpath(filepath, folder), tmp)
+            except OSError:  # no symbolic links (Windows without the right): a copy, renamed into place
+                shutil.copy(filepath, tmp)
+            os.replace(tmp, linkpath)
+        trainer.strategy.barrier()
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -12,6 +12,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,26 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Mappin
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{name} holds a {type(ckpt).__name__}, not a checkpoint")
     return ckpt
+
+
+def usable_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of a run's ``checkpoints/`` folder that can be loaded, newest first.
+
+    Cheap: a file counts when it exists (a symbolic link is followed; a dangling one does not count)
+    and is a complete zip archive (a truncated or foreign file is not); temporary ``.*.partial`` files
+    never count. Newest by modification time; at equal times ``last.ckpt`` comes first.
+    """
+    found = []
+    for path in Path(folder).glob("*.ckpt"):
+        if path.name.startswith(".") or not path.is_file() or not zipfile.is_zipfile(path):
+            continue
+        found.append((path.stat().st_mtime, path.name == "last.ckpt", path))
+    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """Every ``*.ckpt`` name in ``folder`` (usable or not, dangling links included), sorted."""
+    return sorted(p for p in Path(folder).glob("*.ckpt") if not p.name.startswith("."))
 
 
 def is_lightning_checkpoint(ckpt: Mapping) -> bool:

@@ -28,6 +28,7 @@ from fewshot_seg.lightning.checkpoints import (
     read_checkpoint,
     recorded_hparams,
 )
+from fewshot_seg.lightning.finite import check_losses, check_outputs
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
 from fewshot_seg.models.build import build_mask_matching, build_mm_criterion
 from fewshot_seg.models.convert import CheckpointMismatchError, has_mask_matching, load_reference_checkpoint
@@ -290,7 +291,9 @@ class MMModule(EpisodeModule):
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch)
+        check_outputs(self, out)  # before the BCE, which fails on NaN with "should be between 0 and 1"
         losses = self.criterion(out, batch.query_mask)
+        check_losses(self, losses)
         loss = sum(losses.values())
         bs = batch.batch_size
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)

@@ -11,6 +11,7 @@ from torch import Tensor
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
+from fewshot_seg.lightning.finite import check_losses, check_outputs
 from fewshot_seg.models.backbone import frozen_parts
 from fewshot_seg.models.build import build_pos_criterion
 from fewshot_seg.models.criterion import semantic_to_targets
@@ -84,8 +85,10 @@ class POSModule(EpisodeModule):
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch)
+        check_outputs(self, out)  # before the Hungarian matcher, which fails on NaN with a scipy error
         targets = [semantic_to_targets(s) for s in batch.query_semantic]
         losses = self.criterion(out, targets, batch.query_mask, generator=self.point_generator())
+        check_losses(self, losses)
         loss = sum(losses.values())
         bs = batch.batch_size
         # The final-layer terms and the total; the 2 x 9 auxiliary terms would only clutter the logs.

@@ -8,7 +8,8 @@ shot) it prints a block with rows model / oracle / heuristic baseline and column
 (SPEC §6: the 4-fold mean is the average of the fold mIoUs); with several seeds a cell is
 ``mean ± std`` over the seeds. Two protocols are never averaged together; two summaries of the same
 (dataset, protocol, fold, shot, seed) are refused (``--drop-duplicates`` keeps the newest, with a
-warning); an unreadable file is named.
+warning); an unreadable file is named. Runs that ``train_fold --force`` moved into a ``replaced-<time>/``
+folder are not read (name such a file to read it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ CSV_COLUMNS = (
     "baseline_miou",
     "path",
 )
+# Fields a summary must hold with these JSON types (None allowed where optional): a row of the table.
+FIELD_TYPES = (
+    *((k, int, "an integer") for k in ("fold", "shot", "seed")),
+    *((k, (int, float), "a number") for k in ("miou", "fbiou", "oracle_miou", "baseline_miou")),
+    *((k, str, "a string") for k in ("dataset", "protocol")),
+)
 
 
 class AggregateError(ValueError):
@@ -56,7 +63,14 @@ def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_file():
             found.append(p)
         elif p.is_dir():
-            found.extend(sorted(p.rglob(SUMMARY_GLOB)))
+            # Not the runs that train_fold --force moved into <run-dir>/replaced-<time>/.
+            found.extend(
+                sorted(
+                    f
+                    for f in p.rglob(SUMMARY_GLOB)
+                    if not any(part.startswith("replaced-") for part in f.relative_to(p).parts[:-1])
+                )
+            )
         else:
             raise FileNotFoundError(f"{p} does not exist")
     return found
@@ -73,6 +87,10 @@ def read_summary(path: Path) -> dict[str, Any]:
     missing = [k for k in ("dataset", "fold", "shot", "miou") if data.get(k) is None]
     if missing:
         raise AggregateError(f"{path}: missing {missing}")
+    for key, kinds, what in FIELD_TYPES:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise AggregateError(f'{path}: "{key}" is the {type(value).__name__} {value!r}, expected {what}')
     return data
 
 

@@ -7,14 +7,19 @@
 One stage-1 model serves every shot; stage 2 is trained per shot, as the reference does. Each stage is one
 ``fewshot-seg`` run (a subprocess, so the printed command lines can be re-run by hand) in a fixed folder
 ``<run-dir>/fewshot-seg/<dataset>-fold<F>-seed<S>-<stage>/``. Running the same command again continues
-where it stopped: a finished stage (``done.json`` beside its checkpoints) is skipped, an unfinished one
-resumes from its ``last.ckpt``. Each shot ends with ``<run-dir>/summary-<K>shot.json``, the one fold
-summary ``aggregate`` reads; the last line printed is its path.
+where it stopped: a finished stage (``done.json`` beside its checkpoints) is skipped (and said to be),
+an unfinished one resumes from its newest usable checkpoint. The arguments that shape the results
+(dataset, fold, seed, data root, GPU or not, the extra arguments and the config files' contents) are
+recorded in ``<run-dir>/train_fold.json``; a re-run with other ones is refused (exit 2) unless
+``--force``, which moves the earlier run into ``<run-dir>/replaced-<time>/`` and starts the fold over.
+Each shot ends with ``<run-dir>/summary-<K>shot.json``, the one fold summary ``aggregate`` reads; the last
+line printed is its path.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from fewshot_seg import config_dir
+from fewshot_seg.lightning.checkpoints import usable_checkpoints
 from fewshot_seg.lightning.results import format_class_table
 from fewshot_seg.tools.aggregate import SUMMARY_KIND, summary_name
 
@@ -61,6 +67,65 @@ def _config_args(folder: Path, *names: str) -> list[str]:
     return args
 
 
+RECORD = "train_fold.json"
+"""The arguments a run folder was trained with (beside its summaries)."""
+
+
+def _options(tokens: list[str]) -> dict[str, str]:
+    """``--key=value`` / ``--key value`` tokens as a mapping (the last of a repeated key; others -> "")."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("-") and "=" in tok:
+            key, value = tok.split("=", 1)
+        elif tok.startswith("-") and i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
+            key, value = tok, tokens[i + 1]
+            i += 1
+        else:
+            key, value = tok, ""
+        out[key] = value  # a repeated option: the last one counts, as on the command line
+        i += 1
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between two records, e.g. ``--trainer.max_steps: 2 -> 3``, ``fold: 0 -> 1``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "extra":
+            ea, eb = _options(list(a or [])), _options(list(b or []))
+            changed = [
+                f"{opt}: {ea.get(opt, '(unset)')} -> {eb.get(opt, '(unset)')}"
+                for opt in sorted(set(ea) | set(eb))
+                if ea.get(opt) != eb.get(opt)
+            ]
+            out += changed or [f"extra arguments: {shlex.join(a or [])!r} -> {shlex.join(b or [])!r}"]
+        elif key == "configs":
+            ca, cb = dict(a or {}), dict(b or {})
+            out += [f"config {n}: edited" for n in sorted(set(ca) | set(cb)) if ca.get(n) != cb.get(n)]
+        else:
+            out.append(f"{key}: {a} -> {b}")
+    return out
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Move what train_fold wrote in ``run_dir`` (stages, summaries, record) into ``replaced-<time>/``."""
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 2
+    while aside.exists():
+        aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    aside.mkdir(parents=True)
+    for path in [run_dir / PROJECT, *sorted(run_dir.glob("summary-*shot.json")), run_dir / RECORD]:
+        if path.exists():
+            os.replace(path, aside / path.name)
+    return aside
+
+
 def _run(cmd: list[str]) -> None:
     print("\n$ " + shlex.join(cmd), flush=True)
     done = subprocess.run(cmd, check=False)
@@ -84,8 +149,13 @@ class Stage:
             return None
 
     def resume_args(self) -> list[str]:
-        """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a checkpoint."""
-        return ["--ckpt_path=last"] if (self.folder / "checkpoints" / "last.ckpt").exists() else []
+        """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a usable checkpoint.
+
+        Not only ``last.ckpt``: a run killed while re-linking it may leave it dangling beside a newer
+        best file, which a restart from step 0 would overwrite (``--ckpt_path last`` then takes the
+        newest usable file).
+        """
+        return ["--ckpt_path=last"] if usable_checkpoints(self.folder / "checkpoints") else []
 
     def finish(self, best: Path) -> Path:
         """Mark the stage done (its best checkpoint recorded); returns that checkpoint."""
@@ -96,11 +166,37 @@ class Stage:
 def best_checkpoint(stage: Stage) -> Path:
     """The stage's best checkpoint (by its validation metric), else its last one."""
     ckpts = stage.folder / "checkpoints"
-    best = sorted(ckpts.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    found = best[-1] if best else ckpts / "last.ckpt"
-    if not found.exists():
+    usable = usable_checkpoints(ckpts)  # newest first
+    best = [p for p in usable if p.name.startswith("best-")]
+    found = best[0] if best else next((p for p in usable if p.name == "last.ckpt"), None)
+    if found is None:
         raise SystemExit(f"no checkpoint was written under {ckpts}")
     return found
+
+
+def _check_record(run_dir: Path, record: dict, force: bool) -> None:
+    """Refuse (exit 2) or with ``force`` move aside a run folder trained with other arguments."""
+    path = run_dir / RECORD
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    changed = differences(previous, record) if isinstance(previous, dict) else []
+    if changed:
+        if not force:
+            print(
+                f"error: {run_dir} was trained with other arguments ({'; '.join(changed)}): pass --force to "
+                f"start this fold over (the earlier run is moved into {run_dir}/replaced-<time>/), or use "
+                "another --run-dir",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        if RANK_ZERO:
+            aside = move_aside(run_dir)
+            print(f"--force: other arguments ({'; '.join(changed)}); the earlier run was moved into {aside}")
+    if RANK_ZERO:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -128,6 +224,12 @@ def main(argv: list[str] | None = None) -> Path:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="add trainer_gpu.yaml (default: when CUDA is available)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"the run folder was trained with other arguments (its {RECORD}): move that run into "
+        "<run-dir>/replaced-<time>/ and start the fold over (without it such a re-run is refused)",
     )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra fewshot-seg arguments")
     args = parser.parse_args(argv)
@@ -166,6 +268,20 @@ def main(argv: list[str] | None = None) -> Path:
             out.append(f"--trainer.max_steps={max_steps}")
         return out + extra
 
+    config_files = [args.config_dir / n for n in (*trainer_cfgs, data_cfg, stage1_cfg, stage2_cfg)]
+    record = {
+        "dataset": args.dataset,
+        "fold": args.fold,
+        "seed": args.seed,
+        "data_root": args.data_root,
+        "gpu": use_gpu,
+        "extra": list(extra),
+        "configs": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in config_files if p.is_file()
+        },
+    }
+    _check_record(run_dir, record, args.force)
+
     start = time.perf_counter()
     stage1 = Stage(run_dir, f"{name}-stage1")
     if stage1.done is None:
@@ -174,6 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
         stage1_ckpt = stage1.finish(best_checkpoint(stage1))
     else:
         stage1_ckpt = Path(stage1.done["best"])
+        print(f"stage 1: done, skipped ({stage1.done_file}; checkpoint {stage1_ckpt})", flush=True)
 
     out = run_dir
     for shot in args.shots:
@@ -185,6 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
             stage2_ckpt = stage2.finish(best_checkpoint(stage2))
         else:
             stage2_ckpt = Path(stage2.done["best"])
+            print(f"stage 2, {shot}-shot: done, skipped ({stage2.done_file}; checkpoint {stage2_ckpt})")
 
         test = Stage(run_dir, f"{name}-test-{shot}shot")
         results = test.folder / "results.json"
@@ -192,6 +310,8 @@ def main(argv: list[str] | None = None) -> Path:
         if not results.exists() or results.stat().st_mtime < done2:
             test_args = stage_args(stage2_cfg, test, shot, None)
             _run([*cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
+        else:
+            print(f"test, {shot}-shot: results up to date, skipped ({results})")
         if not RANK_ZERO:
             continue  # global rank 0 summarises
         if not results.exists():

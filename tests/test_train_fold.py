@@ -128,3 +128,30 @@ def test_force_moves_the_earlier_run_aside(synthetic_root: Path, tmp_path: Path,
     assert (aside / "fewshot-seg" / "x-stage1" / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
     assert (aside / "summary-1shot.json").exists() and (aside / RECORD).exists()
     assert sorted(p.name for p in run.iterdir()) == sorted([aside.name, "notes.txt"])  # the user's file stays
+
+
+def test_a_corrupt_done_json_is_named_not_rerun(tmp_path: Path, capsys) -> None:
+    from fewshot_seg.tools.train_fold import Stage
+
+    stage = Stage(tmp_path, "synthetic-fold0-seed0-stage1")
+    stage.folder.mkdir(parents=True)
+    assert stage.done is None  # not finished
+    stage.done_file.write_text('{"best": ')  # truncated by a full disk, say
+    with pytest.raises(SystemExit) as info:
+        _ = stage.done
+    assert info.value.code == 2
+    assert f"{stage.done_file} is unreadable" in capsys.readouterr().err
+
+
+def test_rank_and_project_are_read_where_they_are_set(tmp_path: Path, monkeypatch) -> None:
+    from fewshot_seg import config_dir
+    from fewshot_seg.tools.train_fold import logger_project, rank_zero
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert not rank_zero()  # read when asked, not when the module was imported
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert rank_zero()
+    trainer = config_dir() / "trainer.yaml"
+    assert logger_project([trainer]) == "fewshot-seg"  # trainer.yaml's, the one place it is set
+    assert logger_project([trainer], ["--trainer.logger.init_args.project=mine"]) == "mine"

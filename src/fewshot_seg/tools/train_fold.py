@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from fewshot_seg import config_dir
 from fewshot_seg.lightning.checkpoints import usable_checkpoints
@@ -44,27 +45,60 @@ DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
     "fss1000": ("data_fss1000.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
     "lvis92i": ("data_lvis92i.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
 }
-PROJECT = "fewshot-seg"  # the W&B project / logger name of trainer.yaml
-# Under SLURM or torchrun one copy of this driver may run per task; only global rank 0 writes its files.
-RANK_ZERO = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def rank_zero() -> bool:
+    """Whether this process is global rank 0: under SLURM or torchrun one copy of this driver may run per
+    task, and only rank 0 writes its files (read when asked, so a launcher's environment always counts)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def logger_project(config_files: list[Path], extra: list[str] = ()) -> str:
+    """The logger's ``project`` (W&B) or ``name``: the folder under the run dir holding the stage folders.
+
+    Read as the CLI composes it: the trainer config files in order, then an override among ``extra``.
+    """
+    project = None
+    for path in config_files:
+        cfg = yaml.safe_load(_config_file(path).read_text())
+        logger = (cfg or {}).get("trainer", {}).get("logger") if isinstance(cfg, dict) else None
+        init = logger.get("init_args") or {} if isinstance(logger, dict) else {}
+        project = init.get("project") or init.get("name") or project
+    options = _options(list(extra))
+    project = (
+        options.get("--trainer.logger.init_args.project")
+        or options.get("--trainer.logger.init_args.name")
+        or project
+    )
+    if not project:
+        raise SystemExit(
+            f"no logger project in {', '.join(map(str, config_files))}: train_fold keeps each stage in "
+            "<run-dir>/<project>/<stage>; set trainer.logger.init_args.project"
+        )
+    return str(project)
+
+
+def shipped_project() -> str:
+    """The logger project of the shipped ``trainer.yaml``."""
+    return logger_project([config_dir() / "trainer.yaml"])
 
 
 def _write(path: Path, text: str) -> None:
     """Write ``path`` atomically (a temporary file renamed into place), from global rank 0 only."""
-    if RANK_ZERO:
+    if rank_zero():
         tmp = path.with_name(f".{path.name}.partial")
         tmp.write_text(text)
         os.replace(tmp, path)
 
 
+def _config_file(path: Path) -> Path:
+    if not path.is_file():
+        raise SystemExit(f"config {path} not found: pass --config-dir <folder holding {path.name}>")
+    return path
+
+
 def _config_args(folder: Path, *names: str) -> list[str]:
-    args = []
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            raise SystemExit(f"config {path} not found: pass --config-dir <folder holding {name}>")
-        args += ["-c", str(path)]
-    return args
+    return [arg for name in names for arg in ("-c", str(_config_file(folder / name)))]
 
 
 RECORD = "train_fold.json"
@@ -112,15 +146,17 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def move_aside(run_dir: Path) -> Path:
-    """Move what train_fold wrote in ``run_dir`` (stages, summaries, record) into ``replaced-<time>/``."""
+def move_aside(run_dir: Path, project: str | None = None) -> Path:
+    """Move what train_fold wrote in ``run_dir`` (stages under ``project``, summaries, record) into
+    ``replaced-<time>/``; ``project`` defaults to the shipped trainer.yaml's."""
+    project = project or shipped_project()
     aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 2
     while aside.exists():
         aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
         n += 1
     aside.mkdir(parents=True)
-    for path in [run_dir / PROJECT, *sorted(run_dir.glob("summary-*shot.json")), run_dir / RECORD]:
+    for path in [run_dir / project, *sorted(run_dir.glob("summary-*shot.json")), run_dir / RECORD]:
         if path.exists():
             os.replace(path, aside / path.name)
     return aside
@@ -136,17 +172,35 @@ def _run(cmd: list[str]) -> None:
 class Stage:
     """One ``fewshot-seg`` run of the fold, in its fixed folder."""
 
-    def __init__(self, run_dir: Path, tag: str) -> None:
+    def __init__(self, run_dir: Path, tag: str, project: str | None = None) -> None:
         self.tag = tag
-        self.folder = run_dir / PROJECT / tag
+        self.folder = run_dir / (project or shipped_project()) / tag
         self.done_file = self.folder / "done.json"
 
     @property
     def done(self) -> dict | None:
-        try:
-            return json.loads(self.done_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        """The finished stage's record, or None while it is not finished.
+
+        Raises:
+            SystemExit: ``done.json`` exists but is not a record of this driver (named, never silently
+                re-run: its stage may hold a finished model).
+        """
+        if not self.done_file.exists():
             return None
+        try:
+            record = json.loads(self.done_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            record, why = None, str(err)
+        else:
+            why = "no checkpoint recorded"
+        if not isinstance(record, dict) or not isinstance(record.get("best"), str):
+            print(
+                f"error: {self.done_file} is unreadable ({why}): the stage's checkpoints are in "
+                f"{self.folder / 'checkpoints'}; delete the file to train or resume the stage again",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        return record
 
     def resume_args(self) -> list[str]:
         """``--ckpt_path=last`` when an earlier, interrupted run of this stage left a usable checkpoint.
@@ -174,7 +228,7 @@ def best_checkpoint(stage: Stage) -> Path:
     return found
 
 
-def _check_record(run_dir: Path, record: dict, force: bool) -> None:
+def _check_record(run_dir: Path, record: dict, force: bool, project: str | None = None) -> None:
     """Refuse (exit 2) or with ``force`` move aside a run folder trained with other arguments."""
     path = run_dir / RECORD
     try:
@@ -191,15 +245,15 @@ def _check_record(run_dir: Path, record: dict, force: bool) -> None:
                 file=sys.stderr,
             )
             raise SystemExit(2)
-        if RANK_ZERO:
-            aside = move_aside(run_dir)
+        if rank_zero():
+            aside = move_aside(run_dir, project)
             print(f"--force: other arguments ({'; '.join(changed)}); the earlier run was moved into {aside}")
-    if RANK_ZERO:
+    if rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
     _write(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -233,104 +287,129 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra fewshot-seg arguments")
     args = parser.parse_args(argv)
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    args.run_dir = args.run_dir or Path("runs") / args.dataset / f"fold{args.fold}" / f"seed{args.seed}"
+    return args
 
-    run_dir = args.run_dir or Path("runs") / args.dataset / f"fold{args.fold}" / f"seed{args.seed}"
-    data_cfg, stage1_cfg, stage2_cfg, steps = DATASETS[args.dataset]
-    use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
-    trainer_cfgs = ["trainer.yaml"] + (["trainer_gpu.yaml"] if use_gpu else [])
-    common = [
-        f"--data.init_args.fold={args.fold}",
-        f"--seed_everything={args.seed}",
-        f"--data.init_args.seed={args.seed}",
-    ]
-    if args.data_root:
-        common.append(f"--data.init_args.root={args.data_root}")
-    if args.devices:
-        common.append(f"--trainer.devices={args.devices}")
-    if args.nodes:
-        common.append(f"--trainer.num_nodes={args.nodes}")
-    cli = [sys.executable, "-m", "fewshot_seg.cli"]
-    name = f"{args.dataset}-fold{args.fold}-seed{args.seed}"
 
-    def stage_args(cfg: str, stage: Stage, shot: int, max_steps: int | None) -> list[str]:
-        out = (
-            _config_args(args.config_dir, *trainer_cfgs, data_cfg, cfg)
-            + common
-            + [f"--data.init_args.shot={shot}"]
-        )
+class FoldRun:
+    """The stages of one (dataset, fold, seed) in one run folder, as ``fewshot-seg`` commands."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run_dir: Path = args.run_dir
+        self.data_cfg, self.stage1_cfg, self.stage2_cfg, self.steps = DATASETS[args.dataset]
+        self.use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+        self.trainer_cfgs = ["trainer.yaml"] + (["trainer_gpu.yaml"] if self.use_gpu else [])
+        self.project = logger_project([args.config_dir / n for n in self.trainer_cfgs], args.extra)
+        self.name = f"{args.dataset}-fold{args.fold}-seed{args.seed}"
+        self.cli = [sys.executable, "-m", "fewshot_seg.cli"]
+        self.start = time.perf_counter()
+
+    def stage(self, what: str) -> Stage:
+        return Stage(self.run_dir, f"{self.name}-{what}", self.project)
+
+    def record(self) -> dict:
+        """What shapes the results, compared with the run folder's record on a re-run."""
+        names = (*self.trainer_cfgs, self.data_cfg, self.stage1_cfg, self.stage2_cfg)
+        files = [self.args.config_dir / n for n in names]
+        return {
+            "dataset": self.args.dataset,
+            "fold": self.args.fold,
+            "seed": self.args.seed,
+            "data_root": self.args.data_root,
+            "gpu": self.use_gpu,
+            "extra": list(self.args.extra),
+            "configs": {
+                p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in files if p.is_file()
+            },
+        }
+
+    def stage_args(self, cfg: str, stage: Stage, shot: int, max_steps: int | None) -> list[str]:
+        """The ``fewshot-seg`` arguments of one stage: config files, this fold, its fixed folder, extras."""
+        a = self.args
+        out = _config_args(a.config_dir, *self.trainer_cfgs, self.data_cfg, cfg)
         out += [
-            f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.logger.init_args.save_dir={run_dir}",
+            f"--data.init_args.fold={a.fold}",
+            f"--seed_everything={a.seed}",
+            f"--data.init_args.seed={a.seed}",
+        ]
+        out += [f"--data.init_args.root={a.data_root}"] if a.data_root else []
+        out += [f"--trainer.devices={a.devices}"] if a.devices else []
+        out += [f"--trainer.num_nodes={a.nodes}"] if a.nodes else []
+        out += [
+            f"--data.init_args.shot={shot}",
+            f"--trainer.default_root_dir={self.run_dir}",
+            f"--trainer.logger.init_args.save_dir={self.run_dir}",
             f"--trainer.logger.init_args.version={stage.tag}",
         ]
-        if max_steps is not None:
-            out.append(f"--trainer.max_steps={max_steps}")
-        return out + extra
+        out += [f"--trainer.max_steps={max_steps}"] if max_steps is not None else []
+        return out + self.args.extra
 
-    config_files = [args.config_dir / n for n in (*trainer_cfgs, data_cfg, stage1_cfg, stage2_cfg)]
-    record = {
-        "dataset": args.dataset,
-        "fold": args.fold,
-        "seed": args.seed,
-        "data_root": args.data_root,
-        "gpu": use_gpu,
-        "extra": list(extra),
-        "configs": {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in config_files if p.is_file()
-        },
-    }
-    _check_record(run_dir, record, args.force)
+    def stage1(self) -> Path:
+        """Stage 1 (once for every shot): trained or resumed, or skipped when done; its best checkpoint."""
+        stage = self.stage("stage1")
+        if stage.done is not None:
+            ckpt = Path(stage.done["best"])
+            print(f"stage 1: done, skipped ({stage.done_file}; checkpoint {ckpt})", flush=True)
+            return ckpt
+        fit = self.stage_args(self.stage1_cfg, stage, self.args.shots[0], self.steps and self.steps[0])
+        _run([*self.cli, "fit", *fit, *stage.resume_args()])
+        return stage.finish(best_checkpoint(stage))
 
-    start = time.perf_counter()
-    stage1 = Stage(run_dir, f"{name}-stage1")
-    if stage1.done is None:
-        fit1 = stage_args(stage1_cfg, stage1, args.shots[0], steps and steps[0])
-        _run([*cli, "fit", *fit1, *stage1.resume_args()])
-        stage1_ckpt = stage1.finish(best_checkpoint(stage1))
-    else:
-        stage1_ckpt = Path(stage1.done["best"])
-        print(f"stage 1: done, skipped ({stage1.done_file}; checkpoint {stage1_ckpt})", flush=True)
-
-    out = run_dir
-    for shot in args.shots:
-        stage2 = Stage(run_dir, f"{name}-stage2-{shot}shot")
+    def shot(self, shot: int, stage1_ckpt: Path) -> Path | None:
+        """Stage 2 and the test at ``shot``, then the fold summary; its path (None off global rank 0)."""
+        stage2 = self.stage(f"stage2-{shot}shot")
         from_stage1 = [f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
         if stage2.done is None:
-            fit2 = stage_args(stage2_cfg, stage2, shot, steps and steps[1])
-            _run([*cli, "fit", *fit2, *from_stage1, *stage2.resume_args()])
+            fit = self.stage_args(self.stage2_cfg, stage2, shot, self.steps and self.steps[1])
+            _run([*self.cli, "fit", *fit, *from_stage1, *stage2.resume_args()])
             stage2_ckpt = stage2.finish(best_checkpoint(stage2))
         else:
             stage2_ckpt = Path(stage2.done["best"])
             print(f"stage 2, {shot}-shot: done, skipped ({stage2.done_file}; checkpoint {stage2_ckpt})")
 
-        test = Stage(run_dir, f"{name}-test-{shot}shot")
+        test = self.stage(f"test-{shot}shot")
         results = test.folder / "results.json"
         done2 = stage2.done_file.stat().st_mtime if stage2.done_file.exists() else float("inf")
         if not results.exists() or results.stat().st_mtime < done2:
-            test_args = stage_args(stage2_cfg, test, shot, None)
-            _run([*cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
+            test_args = self.stage_args(self.stage2_cfg, test, shot, None)
+            _run([*self.cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
         else:
             print(f"test, {shot}-shot: results up to date, skipped ({results})")
-        if not RANK_ZERO:
-            continue  # global rank 0 summarises
+        if not rank_zero():
+            return None  # global rank 0 summarises
         if not results.exists():
             raise SystemExit(f"the test run wrote no results.json under {test.folder}")
+        return self.summarise(shot, results, stage1_ckpt, stage2_ckpt)
 
+    def summarise(self, shot: int, results: Path, stage1_ckpt: Path, stage2_ckpt: Path) -> Path:
+        """Write ``<run-dir>/summary-<K>shot.json`` (what ``aggregate`` reads) and print its table."""
         summary = json.loads(results.read_text())
         summary.update(
             kind=SUMMARY_KIND,
-            seed=args.seed,
+            seed=self.args.seed,
             test_wall_time_s=summary.get("wall_time_s"),
-            wall_time_s=time.perf_counter() - start,  # this invocation: the stages it ran and the test
+            wall_time_s=time.perf_counter() - self.start,  # this invocation: the stages it ran and the test
             stage1_checkpoint=str(stage1_ckpt),
             stage2_checkpoint=str(stage2_ckpt),
             test_results=str(results),
         )
-        out = run_dir / summary_name(shot)
+        out = self.run_dir / summary_name(shot)
         _write(out, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print("\n" + format_class_table(summary))
         print(out)
+        return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train and test one fold (see the module docstring); returns the last fold summary's path."""
+    fold = FoldRun(parse_args(argv))
+    _check_record(fold.run_dir, fold.record(), fold.args.force, fold.project)
+    stage1_ckpt = fold.stage1()
+    out = fold.run_dir
+    for shot in fold.args.shots:
+        out = fold.shot(shot, stage1_ckpt) or out
     return out
 
 

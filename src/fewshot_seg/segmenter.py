@@ -105,6 +105,12 @@ class Segmenter:
         )
         self._transform = TestTransform(self.image_size, square=False)
 
+    @property
+    def default_batch_size(self) -> int:
+        """Queries per forward pass when none is given: 8 on CUDA; 1 on the CPU, where a batch of 480-px
+        queries measured slower per image (cache-bound convolutions and products; docs/inference.md)."""
+        return 8 if self.device.type == "cuda" else 1
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(
@@ -183,7 +189,7 @@ class Segmenter:
         self,
         queries: Sequence[ImageInput] | ImageInput,
         supports: Supports,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         return_probabilities: bool = False,
     ) -> list[np.ndarray]:
         """Segment each query against encoded supports.
@@ -191,7 +197,8 @@ class Segmenter:
         Args:
             queries: images (paths, PIL images, ``[H, W, 3]`` uint8 RGB arrays), or one image.
             supports: from :meth:`encode_supports` of this Segmenter.
-            batch_size: queries per forward pass.
+            batch_size: queries per forward pass; None = :attr:`default_batch_size` (8 on a GPU, 1 on the
+                CPU, where a batch of 480-px images runs slower per image than one at a time).
             return_probabilities: return the foreground maps instead of masks.
 
         Returns:
@@ -205,7 +212,7 @@ class Segmenter:
         self,
         queries: Sequence[ImageInput] | ImageInput,
         supports: Supports,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         return_probabilities: bool = False,
     ) -> Iterator[np.ndarray]:
         """:meth:`segment`, one query's result at a time (only one batch of images is held)."""
@@ -214,6 +221,7 @@ class Segmenter:
                 f"supports were encoded at image_size {supports.image_size}, this Segmenter uses "
                 f"{self.image_size}: encode them with this Segmenter"
             )
+        batch_size = batch_size or self.default_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         items = _as_list(queries, "queries")

@@ -1,7 +1,7 @@
 """``fewshot-seg segment``: label a folder of images from a few annotated examples.
 
     fewshot-seg segment --ckpt stage2.ckpt --support a.jpg a_mask.png [--support b.jpg b_mask.png ...] \\
-        --queries DIR_OR_FILES... --out OUT [--batch-size 8] [--device auto] [--overlay] [--overwrite]
+        --queries DIR_OR_FILES... --out OUT [--batch-size N] [--device auto] [--overlay] [--overwrite]
 
 Writes ``OUT/<query path relative to its folder, without extension>_mask.png`` (0/255, at the query's
 displayed size; sub-folders kept; two queries that would share a name keep their extension:
@@ -98,7 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--batch-size", type=int, default=8, help="queries per forward pass (default: 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="queries per forward pass (default: 8 on a GPU, 1 on the CPU)",
+    )
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
     return parser.parse_args(argv)
@@ -163,7 +168,7 @@ def segment_folder(
     segmenter: Segmenter,
     supports: Supports,
     queries: list[Query],
-    batch_size: int = 8,
+    batch_size: int | None = None,
     with_overlay: bool = False,
     overwrite: bool = False,
 ) -> None:
@@ -175,6 +180,7 @@ def segment_folder(
             q.fraction = float((np.asarray(Image.open(q.mask)) > 0).mean())
         else:
             todo.append(q)
+    batch_size = batch_size or segmenter.default_batch_size
     with tqdm(total=len(todo), desc="segment", unit="image", file=sys.stderr, disable=not todo) as bar:
         for start in range(0, len(todo), batch_size):
             batch = []
@@ -207,7 +213,7 @@ def write_manifest(queries: list[Query], out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise OutputError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_folder(out)
     queries, skipped = collect_queries(args.queries, out)

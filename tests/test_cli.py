@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from cli_helpers import STAGE2, cfg, run_dir_args, tiny_data
 from PIL import Image
@@ -198,3 +199,34 @@ def test_console_script_returns_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     cfg = configparser.ConfigParser()
     cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
     assert "fewshot_seg.cli:entry_point" in cfg["options.entry_points"]["console_scripts"]
+
+
+class ProgressBarNotes(pl.Callback):
+    """A callback whose name says ProgressBar but that is none: kept when the bar is turned off."""
+
+
+def test_config_entries_are_recognised_by_class() -> None:
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from fewshot_seg.cli import _configures
+
+    assert _configures({"class_path": "fewshot_seg.lightning.StepProgressBar"}, ProgressBar)
+    assert _configures({"class_path": "pytorch_lightning.callbacks.TQDMProgressBar"}, ProgressBar)
+    assert not _configures({"class_path": f"{__name__}.ProgressBarNotes"}, ProgressBar)  # was by substring
+
+
+def test_private_lightning_hook_we_override_is_still_called() -> None:
+    """``FewShotCLI._parse_ckpt_path`` overrides a private LightningCLI method (no public hook replaces the
+    stock one, which re-applies every saved hyper-parameter): the pinned Lightning must still call it after
+    parsing and before the classes are built."""
+    import inspect
+
+    from pytorch_lightning.cli import LightningCLI
+
+    source = inspect.getsource(LightningCLI.__init__)
+    parse, ckpt, build = (
+        source.index("self.parse_arguments("),
+        source.index("self._parse_ckpt_path()"),
+        source.index("self.before_instantiate_classes()"),
+    )
+    assert parse < ckpt < build

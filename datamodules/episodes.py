@@ -70,6 +70,33 @@ def episode_sample(
     }
 
 
+def source_episode(
+    source: SegmentationSource,
+    query_id: str,
+    class_id: int,
+    support_ids: Sequence[str],
+    novel_classes: Sequence[int],
+    query: np.ndarray,
+    query_label: np.ndarray,
+    supports: Sequence[tuple[np.ndarray, np.ndarray]],
+    valid_size: Sequence[int] | None = None,
+    scored_label: np.ndarray | None = None,
+) -> dict:
+    """:func:`episode_sample` of a dataset episode, with the label values its ``source`` uses."""
+    return episode_sample(
+        query=query,
+        query_label=query_label,
+        supports=supports,
+        class_id=class_id,
+        novel_classes=novel_classes,
+        query_id=query_id,
+        support_ids=support_ids,
+        valid_size=valid_size,
+        scored_label=scored_label,
+        values=label_values(source, query_id, support_ids, class_id, novel_classes),
+    )
+
+
 class TrainEpisodeDataset(Dataset):
     """Base-class training episodes (SPEC §5), one per integer key; keys are unbounded.
 
@@ -150,16 +177,7 @@ class TrainEpisodeDataset(Dataset):
                     s_image, s_label, rng, accept=lambda lab, v=v: int(np.count_nonzero(lab == v)) >= need
                 )
             )
-        return episode_sample(
-            query=q_img,
-            query_label=q_lab,
-            supports=supports,
-            class_id=c,
-            novel_classes=self.novel_classes,
-            query_id=q,
-            support_ids=support_ids,
-            values=label_values(self.source, q, support_ids, c, self.novel_classes),
-        )
+        return source_episode(self.source, q, c, support_ids, self.novel_classes, q_img, q_lab, supports)
 
 
 class ListEpisodeDataset(Dataset):
@@ -198,15 +216,6 @@ class ListEpisodeDataset(Dataset):
         q_img, q_lab, valid = self.transform(image, label)
         orig = q_lab if self.transform.square else label
         supports = [self.transform(*self.source.load(sid, c))[:2] for sid in support_ids]
-        return episode_sample(
-            query=q_img,
-            query_label=q_lab,
-            supports=supports,
-            class_id=c,
-            novel_classes=self.novel_classes,
-            query_id=q,
-            support_ids=support_ids,
-            valid_size=valid,
-            scored_label=orig,
-            values=label_values(self.source, q, support_ids, c, self.novel_classes),
+        return source_episode(
+            self.source, q, c, support_ids, self.novel_classes, q_img, q_lab, supports, valid, orig
         )

@@ -190,7 +190,17 @@ def _supports_with_repeats(
     return [candidates[int(j)] for j in rng.integers(len(candidates), size=max_shot)]
 
 
-class HSNetFSSProtocol(EvalProtocol):
+class PublishedLoaderProtocol(EvalProtocol):
+    """Test images as the FSS-1000 and cross-domain loaders give them: ``published_size`` squares made by
+    torchvision's antialiased ``transforms.Resize`` on PIL images (juhongm999/hsnet and slei109/PATNet,
+    ``data/dataset.py``)."""
+
+    square = True
+    published_size = 400
+    image_resize = "pil"
+
+
+class HSNetFSSProtocol(PublishedLoaderProtocol):
     """HSNet's FSS-1000 test (juhongm999/hsnet ``data/fss.py``), scored at ``image_size`` squares (400).
 
     * ``num`` equal to the number of test images (the default of :class:`~datamodules.fss.FSS1000DataModule`):
@@ -202,10 +212,7 @@ class HSNetFSSProtocol(EvalProtocol):
     """
 
     name = "hsnet_fss"
-    square = True
     draws = "hsnet_fss"
-    published_size = 400
-    image_resize = "pil"  # juhongm999/hsnet data/dataset.py: transforms.Resize on PIL images
 
     def draw(self, pools, counts, num, max_shot, seed):
         pairs = [(q, c) for c in sorted(pools) for q in pools[c]]
@@ -222,7 +229,7 @@ class HSNetFSSProtocol(EvalProtocol):
         return [(q, c, _supports_with_repeats(rng, pools[c], q, c, max_shot)) for q, c in pairs]
 
 
-class PATNetProtocol(EvalProtocol):
+class PATNetProtocol(PublishedLoaderProtocol):
     """PATNet's cross-domain test (slei109/PATNet ``data/deepglobe.py``, ``isic.py``, ``lung.py``).
 
     Episode ``i``'s class is the ``i mod n``-th of the ``n`` classes (round robin, by class id); its query
@@ -231,10 +238,7 @@ class PATNetProtocol(EvalProtocol):
     """
 
     name = "patnet"
-    square = True
     draws = "round_robin"
-    published_size = 400
-    image_resize = "pil"  # slei109/PATNet data/dataset.py: transforms.Resize on PIL images
 
     def draw(self, pools, counts, num, max_shot, seed):
         classes = sorted(pools)

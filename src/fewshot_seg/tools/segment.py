@@ -99,10 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="queries per forward pass (default: 8 on a GPU, 1 on the CPU)",
+        "--batch-size", type=int, help="queries per forward pass (default: 8 on a GPU, 1 on a CPU)"
     )
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")

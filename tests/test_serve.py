@@ -3,7 +3,7 @@
 Selenium drives the browser through ``/usr/bin/chromedriver`` given explicitly, so it never downloads a
 browser or a driver. Without Chromium installed (a developer machine) the browser test is skipped with
 the reason; ``.ci/run`` installs it, so CI always runs it. ``FEWSHOT_SERVE_SCREENSHOT=<png>`` also saves
-the screenshot there (how ``docs/images/serve_page.png`` was made).
+the screenshot there (the tiny test model's; the one in docs/ shows the demo model by the same flow).
 """
 
 from __future__ import annotations

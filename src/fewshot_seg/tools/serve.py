@@ -125,7 +125,7 @@ class SegmentApp:
                 buf = io.BytesIO()
                 mask_png.save(buf, format="PNG")
                 zf.writestr(f"{name}_mask.png", buf.getvalue())
-                chw = torch.from_numpy(image).permute(2, 0, 1)
+                chw = torch.tensor(image).permute(2, 0, 1)
                 tinted = overlay(chw, torch.from_numpy(mask > 0), MAGENTA)
                 out.append(
                     {

@@ -151,9 +151,7 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
 def _write_outputs(query: Query, image: np.ndarray, mask: np.ndarray, with_overlay: bool) -> None:
     _save_atomic(Image.fromarray(mask * np.uint8(255)), query.mask)
     if with_overlay:
-        tinted = overlay(
-            torch.tensor(image).permute(2, 0, 1), torch.from_numpy(mask.astype(bool)), MAGENTA
-        )
+        tinted = overlay(torch.tensor(image).permute(2, 0, 1), torch.from_numpy(mask.astype(bool)), MAGENTA)
         _save_atomic(
             to_pil(tinted), query.mask.with_name(query.mask.name.replace("_mask.png", "_overlay.png"))
         )

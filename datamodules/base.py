@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fewshot_seg.contracts import model_global_batch
+from fewshot_seg.contracts import model_global_batch, model_trains_with_supports
 from fewshot_seg.episode import collate_episodes
 
 from .episode_lists import episode_list_path, load_or_make_episode_list
@@ -257,10 +257,19 @@ class EpisodeDataModule(pl.LightningDataModule):
         return {i + 1: n for i, n in enumerate(self.class_names)}
 
     # ---- datasets ------------------------------------------------------------------------------
+    def training_shot(self) -> int:
+        """Supports per training episode: ``shot``, or 0 for a model that trains on the query alone.
+
+        Stage 1 then reads no support (and its query/class stream, which comes first in every
+        episode's random stream, is the same for any ``shot``).
+        """
+        return self.shot if model_trains_with_supports(self.trainer) else 0
+
     def train_pools(self) -> dict[int, list[str]]:
-        """Base-class pools of the training images, each checked to hold a query plus ``shot`` supports."""
+        """Base-class pools of the training images, each checked to hold a query plus the training
+        episode's supports."""
         pools = self.pools("train", self.base_classes)
-        check_pools(pools, self.shot, f"{self.name} fold {self.fold} training", self._names())
+        check_pools(pools, self.training_shot(), f"{self.name} fold {self.fold} training", self._names())
         return pools
 
     def train_dataset(self) -> TrainEpisodeDataset:
@@ -274,7 +283,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.source("train"),
             pools,
             self.novel_classes,
-            self.shot,
+            self.training_shot(),
             TrainAugment(self.image_size, self.train_scales),
             self.support_min_pixels,
             self.seed,

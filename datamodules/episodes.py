@@ -54,13 +54,18 @@ def episode_sample(
     return {
         "query_image": normalize_image(query),
         "query_mask": torch.from_numpy(binary_label(query_label, values.query)),
-        "support_images": torch.stack([normalize_image(img) for img, _ in supports]),
+        # K = 0 (stage-1 training): empty [0, 3, H, W] / [0, H, W] stacks, collated to [B, 0, ...].
+        "support_images": torch.stack([normalize_image(img) for img, _ in supports])
+        if supports
+        else torch.empty((0, 3, *query_label.shape), dtype=torch.float32),
         "support_masks": torch.stack(
             [
                 torch.from_numpy(binary_label(lab, v))
                 for (_, lab), v in zip(supports, values.supports, strict=True)
             ]
-        ),
+        )
+        if supports
+        else torch.empty((0, *query_label.shape), dtype=torch.uint8),
         "class_id": class_id,
         "query_semantic": torch.from_numpy(semantic_label(query_label, values.novel)),
         "query_valid_size": torch.tensor(query_label.shape if valid_size is None else valid_size),
@@ -164,11 +169,12 @@ class TrainEpisodeDataset(Dataset):
             present = [c for c in self.base_classes if q in self.pools[c]]
         c = present[int(rng.integers(len(present)))]
 
-        candidates = [i for i in self.pools[c] if i != q]
-        picks = rng.choice(len(candidates), size=self.shot, replace=False)
-        support_ids = [candidates[int(j)] for j in picks]
+        supports, support_ids = [], []
+        if self.shot:  # drawn after the query and class: those do not depend on the shot
+            candidates = [i for i in self.pools[c] if i != q]
+            picks = rng.choice(len(candidates), size=self.shot, replace=False)
+            support_ids = [candidates[int(j)] for j in picks]
         need = self.support_min_pixels
-        supports = []
         for sid in support_ids:
             s_image, s_label = self.source.load(sid, c)
             v = self.source.class_value(sid, c)

@@ -222,12 +222,13 @@ class LVIS92iDataModule(EpisodeDataModule):
 
     def train_pools(self) -> dict[int, list[str]]:
         """Base-class pools of the train images at ``train_pool_min_pixels``, without the classes that
-        have fewer than shot + 1 images."""
+        have fewer images than a query plus the training episode's supports (``training_shot``)."""
+        need = self.training_shot() + 1
         pools = build_pools(self.class_counts("train"), self.base_classes, self.train_pool_min_pixels)
-        pools = {c: ids for c, ids in pools.items() if len(ids) > self.shot}
+        pools = {c: ids for c, ids in pools.items() if len(ids) >= need}
         if not pools:
             raise DatasetError(
-                f"{self.annotation_file('train')}: no training category has {self.shot + 1} images with "
+                f"{self.annotation_file('train')}: no training category has {need} images with "
                 f"{self.train_pool_min_pixels} pixels of it"
             )
         return pools

@@ -10,6 +10,8 @@ one class) after its configuration is final.
   (``datamodules.base.resolve_batch_size``).
 * :class:`ScoredClassesData`: a stage module without ``eval_class_ids`` scores the DataModule's
   ``novel_classes`` (``EpisodeModule.setup``).
+* :class:`SupportsModel`: a model that trains on the query alone (stage 1) gets training episodes
+  without supports (``EpisodeDataModule.training_shot`` = 0), so none is read, decoded or augmented.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ class ScoredClassesData(Protocol):
 
     @property
     def novel_classes(self) -> list[int]: ...
+
+
+@runtime_checkable
+class SupportsModel(Protocol):
+    """A LightningModule that says whether its training step reads the supports of an episode."""
+
+    trains_with_supports: bool
+
+
+def model_trains_with_supports(trainer: Any) -> bool:
+    """Whether the attached model's training uses supports; True without a model (full episodes)."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    return bool(module.trains_with_supports) if isinstance(module, SupportsModel) else True
 
 
 def model_global_batch(trainer: Any) -> int | None:

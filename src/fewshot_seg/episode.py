@@ -20,6 +20,10 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 class EpisodeBatch:
     """A batch of B few-shot episodes with K supports each, all at the model's input size H x W.
 
+    K is 0 in the training batches of a model that trains on the query alone (stage 1,
+    ``fewshot_seg.contracts.SupportsModel``): ``support_images`` is then ``[B, 0, 3, H, W]``,
+    ``support_masks`` ``[B, 0, H, W]`` and ``support_ids`` B empty lists.
+
     Attributes:
         query_image: ``[B, 3, H, W]`` float32, RGB normalised with ``PIXEL_MEAN`` / ``PIXEL_STD``.
         query_mask: ``[B, H, W]`` int64 in {0, 1, 255}: 1 = the episode class, 255 = ignore.

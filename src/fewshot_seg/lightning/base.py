@@ -56,6 +56,8 @@ class EpisodeModule(pl.LightningModule):
     stage: str = ""
     metric_names: tuple[str, ...] = ()
     monitor_metric: str = ""
+    trains_with_supports: bool = True
+    """whether ``training_step`` reads the episodes' supports (``fewshot_seg.contracts.SupportsModel``)."""
     architecture_hparams: tuple[str, ...] = ("backbone", "pos")
     """Hyper-parameters that fix the weights' shapes: taken from a checkpoint given with ``--ckpt_path``."""
 

@@ -38,6 +38,7 @@ class POSModule(EpisodeModule):
     """
 
     stage = "pos"
+    trains_with_supports = False  # the POS trains on the query alone: its training episodes carry none
     metric_names = ("oracle",)
     monitor_metric = "val/oracle_miou"
 

@@ -6,7 +6,8 @@
 ``--root`` holds ``voc/`` (Pascal5iDataModule) and ``coco/`` (Coco20iDataModule, year 2014), e.g. the
 stand-in of ``benchmarks/make_standin.py`` at any ``--scale``. Every figure comes from this one run.
 
-Loader: ``dm.train_dataloader()`` at image_size 480, batch_size 4, fold 0, K = ``--shots``,
+Loader: ``dm.train_dataloader()`` at image_size 480, batch_size 4, fold 0, K = ``--shots`` (with
+``--stage1``, the stage-1 loader: the query alone, whatever K),
 ``num_workers`` = ``--workers``. The first max(1, w) batches (one per worker: start-up) are not timed;
 then ``--episodes`` episodes are timed. Per worker = episodes/s divided by w (w = 0: the main process
 counts as one worker). Class pools come from the class-count cache in ``--cache-dir`` (default: the
@@ -20,8 +21,8 @@ colour jitter and h-flip, in the order TrainAugment applies them, normalisation 
 sampling logic (no crop re-draws, no support re-augmentation, no episode assembly, no worker
 transfer). Written here, not imported, so it does not share the code paths being measured. Its
 images: a fixed random sample (``--limit-images``) of the images the loader draws from (the union of
-the fold's base-class pools). Limit episodes/s for K shots = images/s / (K + 1); ratio = loader per
-worker / limit.
+the fold's base-class pools). Limit episodes/s for K shots = images/s / (K + 1) (stage 1: / 1); ratio =
+loader per worker / limit.
 
 Side by side: every repeat times a loader window, shuts its workers down, then times a limit window
 of ``--limit-window`` images right after it, so each ratio compares two figures taken under the same
@@ -42,6 +43,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import albumentations as A
 import cv2
@@ -70,7 +72,25 @@ BATCH_SIZE = 4
 NAMES = {"voc": "VOC (Pascal5i)", "coco": "COCO 2014 (Coco20i)"}
 
 
-def make_dm(dataset: str, root: Path, shot: int, workers: int, cache_dir: str | None, length: int):
+STAGE1_TRAINER = SimpleNamespace(
+    lightning_module=SimpleNamespace(trains_with_supports=False),  # what POSModule says (contracts)
+    world_size=1,
+    global_rank=0,
+    global_step=0,
+    accumulate_grad_batches=1,
+)
+"""The Trainer a stage-1 loader sees: its model trains on the query alone, so episodes carry no support."""
+
+
+def make_dm(
+    dataset: str,
+    root: Path,
+    shot: int,
+    workers: int,
+    cache_dir: str | None,
+    length: int,
+    stage1: bool = False,
+):
     kw = {
         "fold": 0,
         "shot": shot,
@@ -81,8 +101,12 @@ def make_dm(dataset: str, root: Path, shot: int, workers: int, cache_dir: str | 
         "cache_dir": cache_dir,
     }
     if dataset == "voc":
-        return Pascal5iDataModule(root=str(root / "voc"), **kw)
-    return Coco20iDataModule(root=str(root / "coco"), year=2014, **kw)
+        dm = Pascal5iDataModule(root=str(root / "voc"), **kw)
+    else:
+        dm = Coco20iDataModule(root=str(root / "coco"), year=2014, **kw)
+    if stage1:
+        dm.trainer = STAGE1_TRAINER
+    return dm
 
 
 def loader_cpu() -> float:
@@ -230,6 +254,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    p.add_argument(
+        "--stage1", action="store_true", help="stage-1 loaders: the query only (K images fewer per episode)"
+    )
     p.add_argument("--limit-images", type=int, default=240, help="size of the limit's image sample")
     p.add_argument("--limit-window", type=int, default=96, help="images per limit window (one per repeat)")
     p.add_argument("--cache-dir", default=None, help="class-count cache (default: the DataModule's)")
@@ -274,16 +301,17 @@ def main() -> None:
             for w in args.workers:
                 runs = []
                 with quiet_warnings():
-                    dm = make_dm(d, root, shot, w, cache, length)
+                    dm = make_dm(d, root, shot, w, cache, length, args.stage1)
                     for _ in range(args.repeats):
                         runs.append((*loader_window(dm, w, args.episodes), *limit.window(args.limit_window)))
                 del dm
                 gc.collect()
                 rate, cpu_rate, ips, cpu_ips = (median([r[k] for r in runs]) for k in range(4))
                 per = rate / max(1, w)
-                ratio = median([r[0] / max(1, w) / (r[2] / (shot + 1)) for r in runs])
-                cpu_ratio = median([r[1] / (r[3] / (shot + 1)) for r in runs])
-                lim, cpu_lim = ips / (shot + 1), cpu_ips / (shot + 1)
+                read = 1 if args.stage1 else shot + 1  # images an episode reads
+                ratio = median([r[0] / max(1, w) / (r[2] / read) for r in runs])
+                cpu_ratio = median([r[1] / (r[3] / read) for r in runs])
+                lim, cpu_lim = ips / read, cpu_ips / read
                 rows.append(
                     (NAMES[d], shot, w, f"{rate:.2f}", f"{per:.2f}", f"{lim:.2f}", f"{ratio:.2f}",
                      f"{cpu_rate:.2f}", f"{cpu_lim:.2f}", f"{cpu_ratio:.2f}")
@@ -319,8 +347,9 @@ def main() -> None:
         f"after max(1, workers) warm-up batches, each followed by a limit window of {args.limit_window} "
         "images; "
         f"medians of {args.repeats}. Per worker: w = 0 counts the main process as one. Limit = decode + ops "
-        "once per image in one process, images/s / (K + 1). ep/CPU-s: episodes per CPU-second of the main "
-        "process and its workers (all threads, /proc/<pid>/stat); CPU ratio = loader / limit."
+        "once per image in one process, images/s / (K + 1) (stage-1 loaders: / 1). ep/CPU-s: episodes per "
+        "CPU-second of the main process and its workers (all threads, /proc/<pid>/stat); CPU ratio = "
+        "loader / limit."
     )
 
 

@@ -17,7 +17,8 @@ DataModule's, ``<root>/<dataset>/fewshot_cache``), built once if missing and not
 Limit: in this one process, decode (JPEG with PIL; VOC label PNG with PIL, COCO label rendered from the
 instance JSON with pycocotools) and the training pipeline's ops applied once per image (shortest-edge
 resize to a random scale of ``default_train_scales(480)``, a 480 crop with padding, TrainAugment's
-colour jitter and h-flip, in the order TrainAugment applies them, normalisation to float CHW); no
+colour jitter and h-flip, in the order TrainAugment applies them, uint8 HWC to CHW, as the loader ships
+images; the model normalises them on its device); no
 sampling logic (no crop re-draws, no support re-augmentation, no episode assembly, no worker
 transfer). Written here, not imported, so it does not share the code paths being measured. Its
 images: a fixed random sample (``--limit-images``) of the images the loader draws from (the union of
@@ -65,7 +66,7 @@ from pycocotools import mask as mask_utils
 
 from datamodules import Coco20iDataModule, Pascal5iDataModule, TrainAugment, default_train_scales
 from datamodules.transforms import TRAIN_IMAGE_PAD
-from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD
+from fewshot_seg.episode import IGNORE_INDEX
 
 IMAGE_SIZE = 480
 BATCH_SIZE = 4
@@ -222,17 +223,15 @@ class CocoImages:
 
 
 class Limit:
-    """Decode + ops + normalisation of the sample, in windows of consecutive images (cycling)."""
+    """Decode + ops + channels-first uint8 of the sample, in windows of consecutive images (cycling)."""
 
     def __init__(self, images, ops: A.Compose) -> None:
         self.images, self.ops, self.cursor = images, ops, 0
-        self.mean, self.std = np.asarray(PIXEL_MEAN, np.float32), np.asarray(PIXEL_STD, np.float32)
 
     def one(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         image, label = self.images.decode(image_id)
         out = self.ops(image=image, mask=label)
-        x = (out["image"].astype(np.float32) - self.mean) / self.std
-        return np.ascontiguousarray(x.transpose(2, 0, 1)), out["mask"]
+        return np.ascontiguousarray(out["image"].transpose(2, 0, 1)), out["mask"]
 
     def window(self, n: int) -> tuple[float, float]:
         """Images/s and images per CPU-second over the next ``n`` images of the sample."""

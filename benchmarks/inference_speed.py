@@ -70,7 +70,7 @@ def predict_path(module: torch.nn.Module, size: int, supports, queries, device: 
             valid_size=valid,
             scored_label=np.zeros(query.shape[:2], np.uint8),
         )
-        batch = collate_episodes([sample]).to(device)
+        batch = module.on_after_batch_transfer(collate_episodes([sample]).to(device), 0)  # as the Trainer
         with torch.no_grad():
             module.predict_step(batch, 0)
 

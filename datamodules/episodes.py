@@ -1,8 +1,9 @@
 """The episode datasets: base-class training episodes by key, and fixed test / validation episodes.
 
 Samples are dicts with the ``EpisodeBatch`` fields (no batch dimension), stacked by
-``fewshot_seg.episode.collate_episodes``. Masks travel as uint8 (cheaper between worker processes);
-the collate function turns them into int64. Labels: ``labels.py``; saved lists: ``episode_lists.py``;
+``fewshot_seg.episode.collate_episodes``. Images and masks travel as uint8 (a quarter of float32's bytes
+between worker processes and to the device); the model normalises the images on its device and the
+collate function turns the masks into int64. Labels: ``labels.py``; saved lists: ``episode_lists.py``;
 which keys a process draws: ``sampling.py``.
 """
 
@@ -18,7 +19,7 @@ from .errors import DatasetError
 from .labels import LabelValues, binary_label, label_values, semantic_label
 from .protocols import Episode
 from .source import SegmentationSource
-from .transforms import TestTransform, TrainAugment, normalize_image
+from .transforms import TestTransform, TrainAugment, image_tensor
 
 
 def episode_sample(
@@ -52,12 +53,12 @@ def episode_sample(
         values = LabelValues(class_id, [class_id] * len(supports), list(novel_classes))
     scored = query_label if scored_label is None else scored_label
     return {
-        "query_image": normalize_image(query),
+        "query_image": image_tensor(query),
         "query_mask": torch.from_numpy(binary_label(query_label, values.query)),
         # K = 0 (stage-1 training): empty [0, 3, H, W] / [0, H, W] stacks, collated to [B, 0, ...].
-        "support_images": torch.stack([normalize_image(img) for img, _ in supports])
+        "support_images": torch.stack([image_tensor(img) for img, _ in supports])
         if supports
-        else torch.empty((0, 3, *query_label.shape), dtype=torch.float32),
+        else torch.empty((0, 3, *query_label.shape), dtype=torch.uint8),
         "support_masks": torch.stack(
             [
                 torch.from_numpy(binary_label(lab, v))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD
+from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN
 
 # SPEC §4: shortest-edge scales for a 480 crop; other crop sizes scale them proportionally.
 REFERENCE_SIZE = 480
@@ -22,11 +22,6 @@ REFERENCE_SCALES = tuple(range(320, 961, 64))
 TRAIN_IMAGE_PAD = 128
 # SPEC §5: a support must keep 1,843 px of its class in a 480 x 480 crop.
 REFERENCE_SUPPORT_MIN_PIXELS = 1843
-
-# uint8 value -> normalised float32 per channel: a table lookup, bit-identical to (x - mean) / std.
-_NORMALISED = (
-    np.arange(256, dtype=np.float32)[None, :] - np.asarray(PIXEL_MEAN, np.float32)[:, None]
-) / np.asarray(PIXEL_STD, np.float32)[:, None]
 
 
 def default_train_scales(image_size: int) -> list[int]:
@@ -39,12 +34,10 @@ def default_support_min_pixels(image_size: int) -> int:
     return max(1, round(REFERENCE_SUPPORT_MIN_PIXELS * (image_size / REFERENCE_SIZE) ** 2))
 
 
-def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` float32 normalised with PIXEL_MEAN / PIXEL_STD."""
-    out = np.empty((3, *image.shape[:2]), dtype=np.float32)
-    for c in range(3):  # one lookup per channel, written straight into the channel-first layout
-        np.take(_NORMALISED[c], image[..., c], out=out[c])
-    return torch.from_numpy(out)
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` uint8 (channels first; normalised later, on the model's
+    device, by ``fewshot_seg.episode.normalize_images``)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def shortest_edge_size(h: int, w: int, size: int) -> tuple[int, int]:

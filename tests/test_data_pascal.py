@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules import Pascal5iDataModule
 from datamodules.fake import make_fake_voc
 from datamodules.sampling import TrainStepSampler
-from fewshot_seg.episode import IGNORE_INDEX, EpisodeBatch
+from fewshot_seg.episode import IGNORE_INDEX, EpisodeBatch, normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,9 @@ def test_original_label_untouched_and_protocols(voc_root, tmp_path):
     h, w = raw.shape  # 72 x 96 -> long side 64: 48 x 64
     assert s["query_valid_size"].tolist() == [round(h * 64 / w), 64]
     vh = s["query_valid_size"][0]
-    assert (s["query_mask"][vh:] == 255).all() and s["query_image"][:, vh:].abs().max() < 0.02
+    padding = normalize_images(s["query_image"])[:, vh:]  # the mean pixel, ~0 once normalised
+    assert (s["query_mask"][vh:] == 255).all() and s["query_image"].dtype == torch.uint8
+    assert padding.abs().max() < 0.02
     sq = _dm(voc_root, tmp_path, shot=1, protocol="square480").eval_dataset("test")[0]
     assert sq["query_valid_size"].tolist() == [64, 64]
     assert sq["query_label_orig"].shape == (64, 64) and torch.equal(sq["query_label_orig"], sq["query_mask"])

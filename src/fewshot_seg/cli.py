@@ -68,6 +68,13 @@ def _quiet_known_warnings() -> None:
         (r".*LeafSpec.*", DeprecationWarning, r"(torch|lightning_utilities|pytorch_lightning).*"),
         # Lightning counts the deliberately frozen backbone/POS (eval mode) as "modules in eval mode".
         (r"Found \d+ module\(s\) in eval mode", UserWarning, r"pytorch_lightning.*"),
+        # The model normalises its uint8 input batches itself (EpisodeModule.on_after_batch_transfer):
+        # Lightning says so whenever a DataModule is used too.
+        (
+            r"You have overridden `on_after_batch_transfer` in `LightningModule`",
+            UserWarning,
+            r"pytorch_lightning.*",
+        ),
     ]
     for message, category, module in rules:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -16,6 +16,19 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 RGB ``[..., 3, H, W]`` -> float32 ``(x - PIXEL_MEAN) / PIXEL_STD`` on the images' device.
+
+    The one normalisation of the project: loaders ship uint8 (a quarter of the bytes across the worker
+    boundary and the host-to-device copy) and the model's ``on_after_batch_transfer`` / the Segmenter
+    call this. Subtraction then division in float32, so the values are bit-identical to a float32
+    table of ``(v - mean) / std`` for v in 0..255.
+    """
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
 @dataclass
 class EpisodeBatch:
     """A batch of B few-shot episodes with K supports each, all at the model's input size H x W.
@@ -24,10 +37,15 @@ class EpisodeBatch:
     ``fewshot_seg.contracts.SupportsModel``): ``support_images`` is then ``[B, 0, 3, H, W]``,
     ``support_masks`` ``[B, 0, H, W]`` and ``support_ids`` B empty lists.
 
+    Images travel as uint8 RGB (DataModules, across the loader worker boundary and to the device); the
+    stage modules normalise them once, on the device, in ``on_after_batch_transfer``
+    (:meth:`normalized`, :func:`normalize_images`): from then on they are float32.
+
     Attributes:
-        query_image: ``[B, 3, H, W]`` float32, RGB normalised with ``PIXEL_MEAN`` / ``PIXEL_STD``.
+        query_image: ``[B, 3, H, W]`` uint8 RGB from a loader; float32 normalised with ``PIXEL_MEAN`` /
+            ``PIXEL_STD`` once normalised.
         query_mask: ``[B, H, W]`` int64 in {0, 1, 255}: 1 = the episode class, 255 = ignore.
-        support_images: ``[B, K, 3, H, W]`` float32, normalised like the query.
+        support_images: ``[B, K, 3, H, W]``, the same type as the query.
         support_masks: ``[B, K, H, W]`` int64 in {0, 1, 255}.
         class_id: ``[B]`` int64, global 1-based class id of the episode class.
         query_semantic: ``[B, H, W]`` int64, the query's semantic label for stage-1 targets:
@@ -65,6 +83,11 @@ class EpisodeBatch:
     def original_sizes(self) -> list[tuple[int, int]]:
         """(h, w) of each query's original label."""
         return [(int(t.shape[0]), int(t.shape[1])) for t in self.query_label_orig]
+
+    def normalized(self) -> EpisodeBatch:
+        """A copy whose uint8 images are normalised (:func:`normalize_images`); float images are kept."""
+        norm = lambda t: normalize_images(t) if t.dtype == torch.uint8 else t  # noqa: E731
+        return replace(self, query_image=norm(self.query_image), support_images=norm(self.support_images))
 
     def to(self, device: torch.device | str) -> EpisodeBatch:
         """A copy with every tensor moved to ``device``."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from datamodules.errors import DatasetError
-from datamodules.transforms import TestTransform, normalize_image
+from datamodules.transforms import TestTransform, image_tensor
 from datamodules.user_images import (
     MASK_CONVENTION,
     ImageInput,
@@ -36,7 +36,7 @@ from datamodules.user_images import (
     read_user_mask,
 )
 from fewshot_seg.config import BackboneConfig, MaskMatchingConfig, POSConfig, coerce
-from fewshot_seg.episode import IGNORE_INDEX
+from fewshot_seg.episode import IGNORE_INDEX, normalize_images
 from fewshot_seg.evaluation import THRESHOLD, resize_to_labels
 from fewshot_seg.lightning.checkpoints import (
     STAGE_CLASS,
@@ -173,13 +173,13 @@ class Segmenter:
                     f"{describe(mask_src, f'support mask {i}')} marks no object pixel ({MASK_CONVENTION})"
                 )
             img, lab, _ = self._transform(image, mask)
-            tensors.append(normalize_image(img))
+            tensors.append(image_tensor(img))
             labels.append(torch.from_numpy(lab.astype(np.int64)))
         with self._inference():
             encoding = encode_supports(
                 self.backbone,
                 self.mask_matching,
-                torch.stack(tensors)[None].to(self.device),  # [1, K, 3, S, S]: one set for every query
+                normalize_images(torch.stack(tensors)[None].to(self.device)),  # [1, K, 3, S, S]: one set
                 torch.stack(labels)[None].to(self.device),  # [1, K, S, S] in {0, 1, 255}
             )
         return Supports(encoding=encoding, shot=len(tensors), image_size=self.image_size)
@@ -235,7 +235,8 @@ class Segmenter:
     ) -> list[np.ndarray]:
         """One forward pass over already read ``[H, W, 3]`` uint8 RGB images (see :meth:`segment`)."""
         prepared = [self._transform(img, np.full(img.shape[:2], IGNORE_INDEX, np.uint8)) for img in images]
-        batch = torch.stack([normalize_image(img) for img, _, _ in prepared]).to(self.device)
+        # uint8 to the device, normalised there: as a loader's batch in the LightningModules.
+        batch = normalize_images(torch.stack([image_tensor(img) for img, _, _ in prepared]).to(self.device))
         valid = torch.tensor([v for _, _, v in prepared])
         with self._inference():
             out = segment_queries(self.backbone, self.pos, self.mask_matching, batch, supports.encoding)

@@ -24,7 +24,10 @@ CAPTION_HEIGHT = 14
 
 
 def denormalize(image: Tensor) -> Tensor:
-    """``[3, H, W]`` RGB normalised with ``PIXEL_MEAN`` / ``PIXEL_STD`` -> uint8 ``[3, H, W]``."""
+    """``[3, H, W]`` RGB normalised with ``PIXEL_MEAN`` / ``PIXEL_STD`` -> uint8 ``[3, H, W]`` (a uint8
+    image, as loaders deliver them, is returned as it is)."""
+    if image.dtype == torch.uint8:
+        return image
     mean = torch.tensor(PIXEL_MEAN, device=image.device).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD, device=image.device).view(3, 1, 1)
     return (image.detach().float() * std + mean).clamp(0, 255).round().to(torch.uint8)

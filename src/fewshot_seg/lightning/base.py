@@ -118,6 +118,10 @@ class EpisodeModule(pl.LightningModule):
             callbacks.insert(0, FreezeModules(self.frozen_modules))
         return callbacks
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the uint8 images of an episode batch, once, on the model's device (``EpisodeBatch``)."""
+        return batch.normalized() if isinstance(batch, EpisodeBatch) else batch
+
     def backbone_features(self, images: Tensor) -> dict[str, Tensor]:
         """Backbone features; under ``no_grad`` when the backbone is frozen (SPEC §2)."""
         if "backbone" in self.frozen_modules:

@@ -22,6 +22,7 @@ from .user_images import (
     is_mask_file,
     read_user_image,
     read_user_mask,
+    require_object,
 )
 
 FOLDER_LAYOUT = f"""expected layout under the root:
@@ -99,9 +100,7 @@ class FolderEpisodes(Dataset):
         self.class_id = class_id
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         for s, m in self.supports:
-            _, mask = _pair(s, m)
-            if not (mask == 1).any():
-                raise DatasetError(f"support mask {m} marks no object pixel ({MASK_CONVENTION})")
+            require_object(_pair(s, m)[1], f"support mask {m}")
         queries, unsupported = _scan(qry_dir, recursive=True)
         self.unsupported = [str(p) for p in sup_unsupported + unsupported]
         self.failed: list[tuple[str, str]] = []

@@ -138,6 +138,12 @@ def check_same_size(mask: np.ndarray, image: np.ndarray, mask_name: str, image_n
         )
 
 
+def require_object(mask: np.ndarray, name: str) -> None:
+    """Refuse a support mask without any object pixel (it would make every prediction meaningless)."""
+    if not (mask == 1).any():
+        raise DatasetError(f"{name} marks no object pixel ({MASK_CONVENTION})")
+
+
 def image_extensions() -> frozenset[str]:
     """File extensions PIL can open here (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
     Image.init()

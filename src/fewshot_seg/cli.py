@@ -8,7 +8,6 @@ Model and data are chosen by class path (``--model POSModule|MMModule``, ``--dat
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import sys

@@ -86,7 +86,10 @@ class EpisodeBatch:
 
     def normalized(self) -> EpisodeBatch:
         """A copy whose uint8 images are normalised (:func:`normalize_images`); float images are kept."""
-        norm = lambda t: normalize_images(t) if t.dtype == torch.uint8 else t  # noqa: E731
+
+        def norm(images: Tensor) -> Tensor:
+            return normalize_images(images) if images.dtype == torch.uint8 else images
+
         return replace(self, query_image=norm(self.query_image), support_images=norm(self.support_images))
 
     def to(self, device: torch.device | str) -> EpisodeBatch:

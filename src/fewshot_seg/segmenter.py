@@ -22,18 +22,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from datamodules.errors import DatasetError
 from datamodules.transforms import TestTransform, image_tensor
 from datamodules.user_images import (
-    MASK_CONVENTION,
     ImageInput,
     MaskInput,
     check_same_size,
     describe,
     read_user_image,
     read_user_mask,
+    require_object,
 )
 from fewshot_seg.config import BackboneConfig, MaskMatchingConfig, POSConfig, coerce
 from fewshot_seg.episode import IGNORE_INDEX, normalize_images
@@ -168,10 +169,7 @@ class Segmenter:
             check_same_size(
                 mask, image, describe(mask_src, f"support mask {i}"), describe(image_src, "its image")
             )
-            if not (mask == 1).any():
-                raise DatasetError(
-                    f"{describe(mask_src, f'support mask {i}')} marks no object pixel ({MASK_CONVENTION})"
-                )
+            require_object(mask, describe(mask_src, f"support mask {i}"))
             img, lab, _ = self._transform(image, mask)
             tensors.append(image_tensor(img))
             labels.append(torch.from_numpy(lab.astype(np.int64)))
@@ -263,7 +261,7 @@ def _resolve_device(device: Device) -> str:
 
 
 def _as_list(items: Any, what: str) -> list:
-    if isinstance(items, (str, os.PathLike, np.ndarray)) or hasattr(items, "getpixel"):  # one item
+    if isinstance(items, (str, os.PathLike, np.ndarray, Image.Image)):  # one item
         return [items]
     try:
         return list(items)

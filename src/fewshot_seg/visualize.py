@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -64,6 +65,19 @@ def overlay(
 def to_pil(image: Tensor) -> Image.Image:
     """uint8 ``[3, H, W]`` -> PIL RGB image."""
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def mask_image(mask: Tensor | np.ndarray) -> Image.Image:
+    """A predicted ``[H, W]`` mask (bool or {0, 1}) as the 0/255 greyscale image every output file is."""
+    values = mask.cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
+    return Image.fromarray((values != 0).astype(np.uint8) * np.uint8(255))
+
+
+def prediction_overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """``[H, W, 3]`` uint8 RGB with a predicted ``[H, W]`` mask tinted magenta (the overlay outputs)."""
+    return to_pil(
+        overlay(torch.tensor(image).permute(2, 0, 1), torch.from_numpy(np.asarray(mask) != 0), MAGENTA)
+    )
 
 
 def captioned_grid(tiles: Sequence[Tensor], captions: Sequence[str], ncol: int, pad: int = 4) -> Image.Image:

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch.nn.functional as F
-from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.results import run_dir
-from fewshot_seg.visualize import MAGENTA, denormalize, overlay, to_pil
+from fewshot_seg.visualize import MAGENTA, denormalize, mask_image, overlay, to_pil
 
 OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
 
@@ -146,7 +145,7 @@ def write_predictions(
             taken.add(stem)
         mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
         mask_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pred.cpu().numpy().astype("uint8") * 255).save(mask_path)
+        mask_image(pred).save(mask_path)
         image = query_image_at(batch, i, tuple(pred.shape))
         to_pil(overlay(image, pred, MAGENTA)).save(overlay_path)
         written += [mask_path, overlay_path]

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -33,7 +32,7 @@ from datamodules.user_images import image_extensions, is_mask_file, read_user_im
 from fewshot_seg.lightning.checkpoints import CheckpointError
 from fewshot_seg.lightning.prediction import OutputError, check_output_folder
 from fewshot_seg.segmenter import Segmenter, Supports
-from fewshot_seg.visualize import MAGENTA, overlay, to_pil
+from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("query", "mask", "foreground_fraction", "status")
@@ -149,12 +148,9 @@ def _save_atomic(image: Image.Image, path: Path) -> None:
 
 
 def _write_outputs(query: Query, image: np.ndarray, mask: np.ndarray, with_overlay: bool) -> None:
-    _save_atomic(Image.fromarray(mask * np.uint8(255)), query.mask)
+    _save_atomic(mask_image(mask), query.mask)
     if with_overlay:
-        tinted = overlay(torch.tensor(image).permute(2, 0, 1), torch.from_numpy(mask.astype(bool)), MAGENTA)
-        _save_atomic(
-            to_pil(tinted), query.mask.with_name(query.mask.name.replace("_mask.png", "_overlay.png"))
-        )
+        _save_atomic(prediction_overlay(image, mask), query.overlay)
     query.fraction = float(mask.mean())
     query.status = "written"
 

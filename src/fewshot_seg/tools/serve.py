@@ -35,8 +35,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from datamodules.errors import DatasetError
@@ -45,7 +43,7 @@ from fewshot_seg.lightning.checkpoints import CheckpointError
 from fewshot_seg.lightning.prediction import OutputError
 from fewshot_seg.segmenter import Segmenter
 from fewshot_seg.tools.segment import load_segmenter, model_tool_parser
-from fewshot_seg.visualize import MAGENTA, overlay, to_pil
+from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MAX_SUPPORTS = 5
 MAX_QUERIES = 100
@@ -121,16 +119,14 @@ class SegmentApp:
                 while name in names:
                     name += "_"
                 names.add(name)
-                mask_png = Image.fromarray(mask * np.uint8(255))
+                mask_png = mask_image(mask)
                 buf = io.BytesIO()
                 mask_png.save(buf, format="PNG")
                 zf.writestr(f"{name}_mask.png", buf.getvalue())
-                chw = torch.tensor(image).permute(2, 0, 1)
-                tinted = overlay(chw, torch.from_numpy(mask > 0), MAGENTA)
                 out.append(
                     {
                         "name": name,
-                        "overlay": _png_data_url(to_pil(tinted)),
+                        "overlay": _png_data_url(prediction_overlay(image, mask)),
                         "mask": _png_data_url(mask_png),
                         "foreground_fraction": float(mask.mean()),
                         "size": [int(mask.shape[1]), int(mask.shape[0])],

@@ -37,23 +37,25 @@ class EpisodeBatch:
     ``fewshot_seg.contracts.SupportsModel``): ``support_images`` is then ``[B, 0, 3, H, W]``,
     ``support_masks`` ``[B, 0, H, W]`` and ``support_ids`` B empty lists.
 
-    Images travel as uint8 RGB (DataModules, across the loader worker boundary and to the device); the
-    stage modules normalise them once, on the device, in ``on_after_batch_transfer``
-    (:meth:`normalized`, :func:`normalize_images`): from then on they are float32.
+    Images and labels travel as uint8 (DataModules, across the loader worker boundary and to the
+    device: a quarter of float32 images', an eighth of int64 labels' bytes); the stage modules convert
+    them once, on the device, in ``on_after_batch_transfer`` (:meth:`normalized`,
+    :func:`normalize_images`): from then on images are float32 and labels int64.
 
     Attributes:
         query_image: ``[B, 3, H, W]`` uint8 RGB from a loader; float32 normalised with ``PIXEL_MEAN`` /
             ``PIXEL_STD`` once normalised.
-        query_mask: ``[B, H, W]`` int64 in {0, 1, 255}: 1 = the episode class, 255 = ignore.
+        query_mask: ``[B, H, W]`` in {0, 1, 255}: 1 = the episode class, 255 = ignore (uint8 from a
+            loader, int64 once normalised, as every label below).
         support_images: ``[B, K, 3, H, W]``, the same type as the query.
-        support_masks: ``[B, K, H, W]`` int64 in {0, 1, 255}.
+        support_masks: ``[B, K, H, W]`` in {0, 1, 255}.
         class_id: ``[B]`` int64, global 1-based class id of the episode class.
-        query_semantic: ``[B, H, W]`` int64, the query's semantic label for stage-1 targets:
+        query_semantic: ``[B, H, W]``, the query's semantic label for stage-1 targets:
             0 = background, 1..C = global class ids, 255 = ignore; novel classes of the fold are 255.
         query_valid_size: ``[B, 2]`` int64 (h, w): the extent of real image content inside the
             (possibly padded) ``H x W`` query tensor, top-left aligned. Predictions are cropped to it
             before being resized to the original label size.
-        query_label_orig: B tensors ``[h_i, w_i]`` int64 in {0, 1, 255}: the binary query label the
+        query_label_orig: B tensors ``[h_i, w_i]`` in {0, 1, 255}: the binary query label the
             evaluation protocol scores (SPEC §6): at the original image size, untouched by any transform,
             or (square protocols such as ``square480`` / ``mmformer``) resized to the model input.
         query_id: B image ids of the queries.
@@ -85,12 +87,24 @@ class EpisodeBatch:
         return [(int(t.shape[0]), int(t.shape[1])) for t in self.query_label_orig]
 
     def normalized(self) -> EpisodeBatch:
-        """A copy whose uint8 images are normalised (:func:`normalize_images`); float images are kept."""
+        """The batch as the models take it: uint8 images normalised (:func:`normalize_images`), uint8
+        labels widened to int64; tensors already float / int64 are kept."""
 
         def norm(images: Tensor) -> Tensor:
             return normalize_images(images) if images.dtype == torch.uint8 else images
 
-        return replace(self, query_image=norm(self.query_image), support_images=norm(self.support_images))
+        def widen(label: Tensor) -> Tensor:
+            return label.long() if label.dtype == torch.uint8 else label
+
+        return replace(
+            self,
+            query_image=norm(self.query_image),
+            support_images=norm(self.support_images),
+            query_mask=widen(self.query_mask),
+            support_masks=widen(self.support_masks),
+            query_semantic=widen(self.query_semantic),
+            query_label_orig=[widen(t) for t in self.query_label_orig],
+        )
 
     def to(self, device: torch.device | str) -> EpisodeBatch:
         """A copy with every tensor moved to ``device``."""
@@ -114,13 +128,13 @@ def collate_episodes(samples: Sequence[dict]) -> EpisodeBatch:
         raise ValueError("cannot collate an empty list of episodes")
     return EpisodeBatch(
         query_image=torch.stack([s["query_image"] for s in samples]),
-        query_mask=torch.stack([s["query_mask"] for s in samples]).long(),
+        query_mask=torch.stack([s["query_mask"] for s in samples]),
         support_images=torch.stack([s["support_images"] for s in samples]),
-        support_masks=torch.stack([s["support_masks"] for s in samples]).long(),
+        support_masks=torch.stack([s["support_masks"] for s in samples]),
         class_id=torch.as_tensor([int(s["class_id"]) for s in samples], dtype=torch.long),
-        query_semantic=torch.stack([s["query_semantic"] for s in samples]).long(),
+        query_semantic=torch.stack([s["query_semantic"] for s in samples]),
         query_valid_size=torch.stack([torch.as_tensor(s["query_valid_size"]) for s in samples]).long(),
-        query_label_orig=[torch.as_tensor(s["query_label_orig"]).long() for s in samples],
+        query_label_orig=[torch.as_tensor(s["query_label_orig"]) for s in samples],
         query_id=[str(s["query_id"]) for s in samples],
         support_ids=[[str(i) for i in s["support_ids"]] for s in samples],
     )

@@ -73,6 +73,25 @@ def test_frozen_modules_stay_frozen_under_amp(synthetic_root: Path, tmp_path: Pa
         assert torch.equal(v, after[k].cpu()), k
 
 
+@pytest.mark.gpu
+def test_uint8_batch_normalised_on_cuda_as_on_cpu(synthetic_root: Path, tmp_path: Path) -> None:
+    """Loaders ship uint8 (pinned here, as the GPU configs do); the model's device makes the inputs."""
+    from datamodules import SyntheticDataModule
+
+    dm = SyntheticDataModule(
+        root=str(synthetic_root), image_size=64, batch_size=2, num_workers=1, pool_min_pixels=50,
+        pin_memory=True, cache_dir=str(tmp_path / "cache"), **GEN,
+    )  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.query_image.dtype == torch.uint8 and batch.query_image.is_pinned()
+    on_cpu, on_gpu = batch.normalized(), batch.to("cuda").normalized()
+    assert on_gpu.query_image.is_cuda and on_gpu.query_mask.dtype == torch.int64
+    assert (on_gpu.query_image.cpu() - on_cpu.query_image).abs().max() <= 1e-6
+    assert (on_gpu.support_images.cpu() - on_cpu.support_images).abs().max() <= 1e-6
+    for name in ("query_mask", "support_masks", "query_semantic"):
+        assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), name
+
+
 def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.md"
     proc = subprocess.run(

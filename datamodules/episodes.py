@@ -103,6 +103,17 @@ def source_episode(
     )
 
 
+def _draw_except(pool: list[str], exclude: str, k: int, rng: np.random.Generator) -> list[str]:
+    """k distinct ids of ``pool`` other than ``exclude``: the draw of ``rng.choice`` over the pool
+    without ``exclude``, made by index arithmetic instead of copying a pool of up to ~45k ids (COCO)."""
+    try:
+        skip = pool.index(exclude)
+    except ValueError:
+        skip = len(pool)
+    picks = rng.choice(len(pool) - (skip < len(pool)), size=k, replace=False)
+    return [pool[int(j) + (int(j) >= skip)] for j in picks]
+
+
 class TrainEpisodeDataset(Dataset):
     """Base-class training episodes (SPEC §5), one per integer key; keys are unbounded.
 
@@ -172,9 +183,7 @@ class TrainEpisodeDataset(Dataset):
 
         supports, support_ids = [], []
         if self.shot:  # drawn after the query and class: those do not depend on the shot
-            candidates = [i for i in self.pools[c] if i != q]
-            picks = rng.choice(len(candidates), size=self.shot, replace=False)
-            support_ids = [candidates[int(j)] for j in picks]
+            support_ids = _draw_except(self.pools[c], q, self.shot, rng)
         need = self.support_min_pixels
         for sid in support_ids:
             s_image, s_label = self.source.load(sid, c)

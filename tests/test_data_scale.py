@@ -68,3 +68,17 @@ def test_uint8_images_normalised_on_the_device_as_before() -> None:
     assert shipped.dtype == torch.uint8 and shipped.shape == (3, 7, 5)
     after = normalize_images(shipped)
     assert (after - before).abs().max() <= 1e-6 and torch.equal(after, before)
+
+
+def test_support_draw_equals_the_draw_over_the_pool_without_the_query() -> None:
+    from datamodules.episodes import _draw_except
+
+    pool = [str(i) for i in range(0, 300, 3)]
+    for exclude in ("0", "150", "297", "not in the pool"):
+        for seed in range(20):
+            expected_pool = [i for i in pool if i != exclude]
+            expected = [
+                expected_pool[int(j)]
+                for j in np.random.default_rng(seed).choice(len(expected_pool), 5, False)
+            ]
+            assert _draw_except(pool, exclude, 5, np.random.default_rng(seed)) == expected

@@ -311,3 +311,21 @@ def test_freeze_makes_layer_and_group_norms_inert() -> None:
     norms = [m for m in backbone.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
     assert norms and all(not m.training for m in norms)
     assert not any(p.requires_grad for m in norms for p in m.parameters())
+
+
+def test_any_input_size_on_older_timm() -> None:
+    """Swin before timm 1.0.31 has no ``dynamic_img_size``; ``strict_img_size=False`` lets it take a 480
+    input (its 1.0.29 build refused one: 'Input height (480) doesn't match model (384)')."""
+    from fewshot_seg.models.timm_backbone import _model_kwargs
+
+    class NewSwin(nn.Module):
+        def __init__(self, img_size: int = 224, strict_img_size: bool = True, dynamic_img_size: bool = False):
+            super().__init__()
+
+    class OldSwin(nn.Module):
+        def __init__(self, img_size: int = 224, strict_img_size: bool = True):
+            super().__init__()
+
+    assert _model_kwargs(NewSwin()) == {"dynamic_img_size": True}
+    assert _model_kwargs(OldSwin()) == {"strict_img_size": False}
+    assert _model_kwargs(nn.Conv2d(1, 1, 1)) == {}

@@ -147,9 +147,12 @@ def _probe(timm: Any, arch: str) -> nn.Module:
 
 
 def _model_kwargs(probe: nn.Module) -> dict[str, Any]:
-    """Constructor options: ``dynamic_img_size`` where the model takes it (ViT, Swin: any input size)."""
+    """Constructor options for any input size: ``dynamic_img_size`` where the model takes it (ViT; Swin
+    from timm 1.0.31), else ``strict_img_size=False`` (Swin in earlier timm: attention masks per input)."""
     params = inspect.signature(type(probe).__init__).parameters
-    return {"dynamic_img_size": True} if "dynamic_img_size" in params else {}
+    if "dynamic_img_size" in params:
+        return {"dynamic_img_size": True}
+    return {"strict_img_size": False} if "strict_img_size" in params else {}
 
 
 def _is_plain(probe: nn.Module) -> bool:

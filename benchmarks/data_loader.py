@@ -33,6 +33,8 @@ CPU-second of the main process and its workers (all threads, ``/proc/<pid>/stat`
 On a busy 2-core machine, torch's default 2 intra-op threads make ``num_workers=0`` (episodes built and
 collated in the main process) several times slower (threads waiting on each other while the other core
 is taken); ``--torch-threads 1`` removes that effect from the comparison (workers always use 1 thread).
+OpenCV's resize and colour conversion run on all cores by default, so the one-process limit uses more
+than one core where cores are free; ``--cv2-threads 1`` compares one core with one worker.
 """
 
 from __future__ import annotations
@@ -265,9 +267,17 @@ def main() -> None:
         default=None,
         help="torch intra-op threads of the main process (default: torch's; workers always use 1)",
     )
+    p.add_argument(
+        "--cv2-threads",
+        type=int,
+        default=None,
+        help="OpenCV threads of the main process (the limit) and, inherited, the workers (default: OpenCV's)",
+    )
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.cv2_threads is not None:
+        cv2.setNumThreads(args.cv2_threads)
     root = Path(args.root)
     datasets = [args.only] if args.only else ["voc", "coco"]
     print(f"# data_loader: {' '.join(sys.argv[1:])}")

@@ -172,13 +172,13 @@ class Segmenter:
             require_object(mask, describe(mask_src, f"support mask {i}"))
             img, lab, _ = self._transform(image, mask)
             tensors.append(image_tensor(img))
-            labels.append(torch.from_numpy(lab.astype(np.int64)))
+            labels.append(torch.from_numpy(lab))  # uint8 to the device, widened there (as loaders' labels)
         with self._inference():
             encoding = encode_supports(
                 self.backbone,
                 self.mask_matching,
                 normalize_images(torch.stack(tensors)[None].to(self.device)),  # [1, K, 3, S, S]: one set
-                torch.stack(labels)[None].to(self.device),  # [1, K, S, S] in {0, 1, 255}
+                torch.stack(labels)[None].to(self.device).long(),  # [1, K, S, S] in {0, 1, 255}
             )
         return Supports(encoding=encoding, shot=len(tensors), image_size=self.image_size)
 

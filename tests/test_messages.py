@@ -167,6 +167,34 @@ def test_unknown_option_or_class_leads_with_the_cause(
     assert code == 2 and err == [message]
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "timm:nonexistent",
+            "error: --model.init_args.backbone.name: unknown timm model 'nonexistent'; "
+            "`timm.list_models('*word*')` lists the names",
+        ),
+        (
+            "timm:convnext_atoo",
+            "error: --model.init_args.backbone.name: unknown timm model 'convnext_atoo' "
+            "(did you mean timm:convnext_atto?); `timm.list_models('*word*')` lists the names",
+        ),
+        (
+            "resnet5",
+            "error: --model.init_args.backbone.name: unknown backbone 'resnet5'; choose from ['resnet101', "
+            "'resnet18', 'resnet34', 'resnet50'] or a timm model as 'timm:<name>'",
+        ),
+    ],
+)
+def test_unknown_backbone_is_one_line_naming_the_argument(
+    name: str, message: str, monkeypatch, capsys
+) -> None:
+    # Raised while the model is built, which jsonargparse reports in an 80-line union-type dump.
+    code, err = _console(monkeypatch, capsys, "fit", *STAGE1, f"--model.init_args.backbone.name={name}")
+    assert code == 2 and err == [message]
+
+
 def test_config_file_typos_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
     key = tmp_path / "key.yaml"
     key.write_text("model:\n  init_args:\n    pos:\n      num_querys: 3\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewshot_seg.metrics import FewShotIoU, episode_intersection_union
+from fewshot_seg.metrics import FewShotIoU, episode_intersection_union, unscored_note
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "metric_episodes.pt"
 
@@ -34,7 +34,7 @@ def test_per_episode_areas_match_golden(golden: dict) -> None:
 def test_hsnet_golden(golden: dict, batch: int) -> None:
     inp, out = golden["inputs"], golden["outputs"]["hsnet"]
     ids = _fold_ids_1based(golden)
-    metric = FewShotIoU(ids)
+    metric = FewShotIoU(ids, unscored="zero")  # the reference evaluator's mean: an empty class is 0
     for s in range(0, inp["pred"].shape[0], batch):
         sl = slice(s, s + batch)
         metric.update(inp["pred"][sl], inp["gt"][sl].long(), inp["subcls_1based"][sl])
@@ -55,13 +55,36 @@ def test_hsnet_golden(golden: dict, batch: int) -> None:
 
 def test_pfenet_variant_golden(golden: dict) -> None:
     inp, out = golden["inputs"], golden["outputs"]["pfenet_mmformer"]
-    metric = FewShotIoU(_fold_ids_1based(golden), variant="pfenet")
+    metric = FewShotIoU(_fold_ids_1based(golden), variant="pfenet", unscored="zero")
     metric.update(inp["pred"], inp["gt"], inp["subcls_1based"])
     res = metric.compute()
     assert abs(float(res["miou"]) - out["miou"]) < 1e-4
     assert abs(float(res["fbiou"]) - out["fb_iou"]) < 1e-4
     got = torch.stack([res["class_iou"][c] for c in _fold_ids_1based(golden)])
     torch.testing.assert_close(got, 100 * out["class_iou"], atol=1e-4, rtol=0)
+
+
+def test_miou_is_over_the_scored_classes(golden: dict) -> None:
+    """By default a class drawn in no episode is named and left out of the mIoU, not counted as 0."""
+    inp, out = golden["inputs"], golden["outputs"]["hsnet"]
+    ids = _fold_ids_1based(golden)
+    empty = golden["config"]["class_without_episodes_0based"] + 1
+    metric = FewShotIoU(ids)
+    metric.update(inp["pred"], inp["gt"].long(), inp["subcls_1based"])
+    res = metric.compute()
+    assert res["unscored"] == [empty]
+    scored = [100 * v for c, v in zip(ids, out["iou_fold_classes_fg"].tolist()) if c != empty]
+    assert float(res["miou"]) == pytest.approx(sum(scored) / len(scored), abs=1e-4)
+    assert float(res["miou"]) == pytest.approx(out["miou"] * len(ids) / len(scored), abs=1e-4)
+    assert float(res["fbiou"]) == pytest.approx(out["fb_iou"], abs=1e-4)  # sums: no class is left out
+    assert unscored_note(res, "test") == (
+        f"test: class {empty} drew no episode among the 300; the mIoU is the mean over the other 4 classes"
+    )
+    one = FewShotIoU([3, 4])
+    one.update(torch.ones(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.long), [3])
+    assert float(one.compute()["miou"]) == 100.0 and one.compute()["unscored"] == [4]
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert float(FewShotIoU([3]).compute()["miou"]) == 0.0  # nothing scored at all
 
 
 def test_list_of_differently_sized_predictions() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,30 @@ def test_rank_and_project_are_read_where_they_are_set(tmp_path: Path, monkeypatc
     trainer = config_dir() / "trainer.yaml"
     assert logger_project([trainer]) == "fewshot-seg"  # trainer.yaml's, the one place it is set
     assert logger_project([trainer], ["--trainer.logger.init_args.project=mine"]) == "mine"
+
+
+def test_a_rerun_that_runs_nothing_keeps_the_wall_time(tmp_path: Path, capsys) -> None:
+    """All stages done and the test up to date: the summary keeps the time of the run that made it."""
+    run = tmp_path / "fold0"
+    stages = run / "fewshot-seg"
+    for tag, best in (("stage1", "s1.ckpt"), ("stage2-1shot", "s2.ckpt")):
+        (stages / f"synthetic-fold0-seed0-{tag}").mkdir(parents=True)
+        (stages / f"synthetic-fold0-seed0-{tag}" / "done.json").write_text(json.dumps({"best": best}))
+    test = stages / "synthetic-fold0-seed0-test-1shot"
+    test.mkdir()
+    results = {"miou": 60.0, "fbiou": 70.0, "class_iou": {"1": 60.0}, "dataset": "synthetic", "fold": 0}
+    (test / "results.json").write_text(json.dumps({**results, "shot": 1, "wall_time_s": 30.0}))
+    args = ["--run-dir", str(run), "--no-gpu"]
+    # The summary the real run wrote (212.3 s: both stages and the test), after its results.json.
+    (run / "summary-1shot.json").write_text(
+        json.dumps({**results, "wall_time_s": 212.3, "test_results": str(test / "results.json")})
+    )
+    train_fold(args)
+    printed = capsys.readouterr().out
+    assert "$ " not in printed  # nothing ran
+    summary = json.loads((run / "summary-1shot.json").read_text())
+    assert summary["wall_time_s"] == 212.3 and summary["test_wall_time_s"] == 30.0
+    # A summary of other results (the test ran again since) is no time of these: this run's own.
+    os.utime(run / "summary-1shot.json", (1, 1))
+    train_fold(args)
+    assert json.loads((run / "summary-1shot.json").read_text())["wall_time_s"] < 60.0

@@ -34,8 +34,8 @@ from fewshot_seg.lightning.checkpoints import (
 from fewshot_seg.lightning.finite import NonFiniteError
 from fewshot_seg.lightning.prediction import OutputError, PredictionWriter
 from fewshot_seg.lightning.results import run_dir
-from fewshot_seg.lightning.runlock import ReleaseOnException, RunFolderError, RunLock, check_fresh_fit
-from fewshot_seg.parse_errors import ConfigError, check_config_files, explain
+from fewshot_seg.lightning.runlock import ReleaseOnException, RunFolderError, claim_run_folder
+from fewshot_seg.parse_errors import ConfigError, build_error, check_config_files, explain
 
 DESCRIPTION = f"""\
 fewshot-seg: MM-Former few-shot segmentation (train, evaluate, predict) with LightningCLI.
@@ -194,17 +194,15 @@ class FewShotCLI(LightningCLI):
                 if isinstance(callback, BestCheckpoint):
                     callback.resuming = True
         folder = _known_run_folder(self.trainer)
-        if folder is None or not self.trainer.is_global_zero:
+        if folder is None:
             return
-        # One fit per run folder; a fresh fit never writes over an earlier fit's checkpoints.
-        self._run_lock = RunLock(folder).acquire()
-        try:
-            if not cfg.get("ckpt_path"):
-                check_fresh_fit(folder, bool(cfg.get("overwrite")))
-        except BaseException:
-            self._run_lock.release()
-            raise
-        self.trainer.callbacks.append(ReleaseOnException(self._run_lock))
+        # One fit per run folder; a fresh fit never writes over an earlier fit's checkpoints. Rank 0
+        # decides; a refusal stops every rank with the same line.
+        self._run_lock = claim_run_folder(
+            self.trainer, folder, fresh=not cfg.get("ckpt_path"), overwrite=bool(cfg.get("overwrite"))
+        )
+        if self._run_lock is not None:
+            self.trainer.callbacks.append(ReleaseOnException(self._run_lock))
 
     def after_fit(self) -> None:
         if getattr(self, "_run_lock", None) is not None:
@@ -355,6 +353,8 @@ def user_error(err: BaseException) -> BaseException | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, USER_ERRORS):
             return err
+        if (named := build_error(err)) is not None:
+            return named
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

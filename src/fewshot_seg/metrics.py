@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from fewshot_seg.episode import IGNORE_INDEX
 
 Variant = Literal["hsnet", "pfenet"]
+Unscored = Literal["skip", "zero"]
 
 
 def episode_intersection_union(
@@ -42,7 +43,7 @@ def episode_intersection_union(
 
 
 def fewshot_iou(
-    intersection: Tensor, union: Tensor, variant: Variant = "hsnet"
+    intersection: Tensor, union: Tensor, variant: Variant = "hsnet", scored: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Class mIoU, FB-IoU and per-class IoU from per-class summed areas (SPEC §6).
 
@@ -50,15 +51,21 @@ def fewshot_iou(
         intersection: ``[2, C]`` background/foreground intersections summed over each class's episodes.
         union: ``[2, C]`` the unions, likewise.
         variant: ``"hsnet"`` divides by ``max(U, 1)``, ``"pfenet"`` by ``U + 1e-10``.
+        scored: ``[C]`` bool, the classes that had at least one episode; None = all of them.
 
     Returns:
-        ``(miou, fbiou, class_iou [C])`` in percent, float64; a class without episodes has IoU 0.
+        ``(miou, fbiou, class_iou [C])`` in percent, float64. The mIoU is the mean over the ``scored``
+        classes (0 where none was); ``class_iou`` of a class without episodes is 0 and means nothing.
     """
     num, den = intersection.double(), union.double()
     ratio = (lambda a, b: a / b.clamp(min=1.0)) if variant == "hsnet" else (lambda a, b: a / (b + 1e-10))
     class_iou = 100.0 * ratio(num[1], den[1])
     fbiou = 100.0 * ratio(num.sum(dim=1), den.sum(dim=1)).mean()
-    return class_iou.mean(), fbiou, class_iou
+    # A class drawn in no episode has no IoU: counting it as 0 would lower the mean by chance (few
+    # episodes), and with it the choice of the best checkpoint.
+    kept = class_iou if scored is None else class_iou[scored]
+    miou = kept.mean() if kept.numel() else class_iou.new_zeros(())
+    return miou, fbiou, class_iou
 
 
 class FewShotIoU(Metric):
@@ -66,8 +73,9 @@ class FewShotIoU(Metric):
 
     Intersections and unions of background and foreground are *summed* per episode class over all
     episodes (not a mean of per-episode IoUs, which reads ~3 points higher). Then
-    ``IoU_c = I_c[fg] / max(U_c[fg], 1)``, ``miou = 100 * mean_c IoU_c`` over every class in
-    ``class_ids`` (a class that received no episode counts as 0) and
+    ``IoU_c = I_c[fg] / max(U_c[fg], 1)``, ``miou = 100 * mean_c IoU_c`` over the classes of
+    ``class_ids`` that received at least one episode (``compute()["unscored"]`` lists the others, which
+    have no IoU; ``unscored="zero"`` counts them as 0, as the reference evaluators) and
     ``fbiou = 100 * mean_{bg,fg} (sum_c I_c / sum_c U_c)``.
 
     Example:
@@ -85,6 +93,9 @@ class FewShotIoU(Metric):
         variant: ``"hsnet"`` (default, SPEC) divides by ``max(U, 1)``; ``"pfenet"`` by ``U + 1e-10``
             (PFENet / CyCTR / MM-Former evaluators). Both give the same numbers unless a union is 0.
         ignore_index: label value dropped from prediction and target before counting.
+        unscored: a class without episodes is left out of the mIoU (``"skip"``, default) or enters it as
+            IoU 0 (``"zero"``, as the HSNet / PFENet evaluators and SPEC §6 do: the same number whenever
+            every class is drawn, as in 1,000-episode tests, and a lower one by chance otherwise).
     """
 
     is_differentiable = False
@@ -100,6 +111,7 @@ class FewShotIoU(Metric):
         class_ids: Sequence[int],
         variant: Variant = "hsnet",
         ignore_index: int = IGNORE_INDEX,
+        unscored: Unscored = "skip",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -110,6 +122,9 @@ class FewShotIoU(Metric):
             raise ValueError(f"duplicate class ids: {ids}")
         if variant not in ("hsnet", "pfenet"):
             raise ValueError(f"unknown variant {variant!r}; expected 'hsnet' or 'pfenet'")
+        if unscored not in ("skip", "zero"):
+            raise ValueError(f"unknown unscored {unscored!r}; expected 'skip' or 'zero'")
+        self.unscored = unscored
         self.class_ids = ids
         self.variant = variant
         self.ignore_index = ignore_index
@@ -171,12 +186,30 @@ class FewShotIoU(Metric):
 
         Returns:
             ``miou`` and ``fbiou`` (percent, float64 scalars), ``class_iou`` ``{class id: percent}``
-            and ``class_episodes`` ``{class id: episodes}`` (int64 scalars).
+            and ``class_episodes`` ``{class id: episodes}`` (int64 scalars) of every class, and
+            ``unscored``: the class ids without an episode (in ``class_ids`` order), left out of
+            ``miou`` unless the metric was built with ``unscored="zero"``.
         """
-        miou, fbiou, class_iou = fewshot_iou(self.intersection, self.union, self.variant)
+        scored = self.episodes > 0
+        kept = scored if self.unscored == "skip" else None
+        miou, fbiou, class_iou = fewshot_iou(self.intersection, self.union, self.variant, kept)
         return {
             "miou": miou,
             "fbiou": fbiou,
             "class_iou": {c: class_iou[i] for i, c in enumerate(self.class_ids)},
             "class_episodes": {c: self.episodes[i] for i, c in enumerate(self.class_ids)},
+            "unscored": [c for i, c in enumerate(self.class_ids) if not bool(scored[i])],
         }
+
+
+def unscored_note(result: Mapping[str, Any], split: str) -> str | None:
+    """A line naming the classes a :meth:`FewShotIoU.compute` result left out of its mIoU, else None."""
+    unscored = list(result.get("unscored", ()))
+    if not unscored:
+        return None
+    episodes = sum(int(n) for n in result["class_episodes"].values())
+    kept = len(result["class_episodes"]) - len(unscored)
+    return (
+        f"{split}: class{'es' if len(unscored) > 1 else ''} {', '.join(map(str, unscored))} drew no episode "
+        f"among the {episodes}; the mIoU is the mean over the other {kept} classes"
+    )

@@ -3,7 +3,8 @@
 jsonargparse reports an unknown option of a model or DataModule class, or a misspelt class, inside a
 union-type report of a dozen lines ending in "Expected a <class 'NoneType'>", after the usage text.
 :func:`explain` turns such a message into one line; :func:`check_config_files` names a config file that
-is not valid YAML (jsonargparse's message names ``<unicode string>``).
+is not valid YAML (jsonargparse's message names ``<unicode string>``); :func:`build_error` names the option
+behind an error raised while the model is built (an unknown backbone).
 """
 
 from __future__ import annotations
@@ -135,6 +136,19 @@ def explain(message: str, options: Sequence[str]) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     kept = [line.lstrip("- ") for line in lines if not line.lstrip("- ").startswith(_NOISE)]
     return " ".join(kept) or message.strip()
+
+
+def build_error(err: BaseException) -> ConfigError | None:
+    """An error raised while the command line's model is built, as one line naming the option at fault.
+
+    jsonargparse reports it inside its union-type report (``Does not validate against any of the Union
+    subtypes``, the whole model namespace included); the error itself is the report's cause.
+    """
+    from fewshot_seg.models.backbone import BackboneError
+
+    if isinstance(err, BackboneError):
+        return ConfigError(f"--model.init_args.backbone.{err.option}: {err}")
+    return None
 
 
 def config_files(argv: Sequence[str]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, as_dict
@@ -27,7 +28,7 @@ from fewshot_seg.lightning.provenance import (
     trained_on,
 )
 from fewshot_seg.lightning.results import report_results, summarize
-from fewshot_seg.metrics import FewShotIoU
+from fewshot_seg.metrics import FewShotIoU, unscored_note
 from fewshot_seg.models.backbone import backbone_lr_mult, build_backbone
 from fewshot_seg.models.build import build_pos
 from fewshot_seg.models.freezing import freeze
@@ -247,6 +248,11 @@ class EpisodeModule(pl.LightningModule):
             prefix = "" if name == "model" else f"{name}_"
             flat[f"{split}/{prefix}miou"] = res["miou"].float()
             flat[f"{split}/{prefix}fbiou"] = res["fbiou"].float()
+        note = unscored_note(next(iter(results.values())), split) if results else None
+        if note and split == "val" and not self.trainer.sanity_checking:
+            # val/miou chooses the best checkpoint: say that it is over fewer classes (the test's table
+            # says it for the test). Python shows one warning text once, so not at every validation.
+            rank_zero_warn(note)
         # Reduced across processes by torchmetrics already: every rank holds the same values, whose
         # mean (sync_dist) is that value; asking for it keeps Lightning from warning under DDP.
         self.log_dict(flat, prog_bar=True, sync_dist=True)

@@ -46,6 +46,8 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
     main_name = next(iter(results))
     main = results[main_name]
     ids = list(main["class_iou"])
+    # Every metric of a run scores the same episodes: a class without any has no IoU in any of them.
+    unscored = {int(c) for c in main.get("unscored", ())}
     names = {c: datamodule.class_name(c) for c in ids} if hasattr(datamodule, "class_name") else {}
     summary: dict[str, Any] = {
         "stage": stage,
@@ -55,9 +57,10 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
         "shot": getattr(datamodule, "episode_shot", getattr(datamodule, "shot", None)),
         "miou": float(main["miou"]),
         "fbiou": float(main["fbiou"]),
-        "class_iou": {str(c): float(v) for c, v in main["class_iou"].items()},
+        "class_iou": _class_ious(main, unscored),
         "class_episodes": {str(c): int(n) for c, n in main["class_episodes"].items()},
         "class_names": {str(c): n for c, n in names.items()},
+        "unscored_classes": sorted(unscored),
         "wall_time_s": wall_time_s,
         **evaluation_record(datamodule),
     }
@@ -66,8 +69,13 @@ def summarize(results: Mapping[str, Mapping], stage: str, datamodule: Any, wall_
         summary[f"{other}_miou"] = float(res["miou"]) if res is not None else None
         summary[f"{other}_fbiou"] = float(res["fbiou"]) if res is not None else None
         if res is not None and other != main_name:
-            summary[f"{other}_class_iou"] = {str(c): float(v) for c, v in res["class_iou"].items()}
+            summary[f"{other}_class_iou"] = _class_ious(res, unscored)
     return summary
+
+
+def _class_ious(result: Mapping, unscored: set[int]) -> dict[str, float | None]:
+    """``{class id: IoU}`` of a metric result, None (JSON null) for a class drawn in no episode."""
+    return {str(c): None if int(c) in unscored else float(v) for c, v in result["class_iou"].items()}
 
 
 def evaluation_record(datamodule: Any) -> dict[str, Any]:
@@ -120,6 +128,14 @@ def format_class_table(summary: dict) -> str:
             f"{_fmt(r['oracle_iou']):>7} {_fmt(r['baseline_iou']):>8}"
         )
     lines.append("-" * len(head))
+    unscored = summary.get("unscored_classes") or []
+    if unscored:
+        names = summary.get("class_names", {})
+        named = ", ".join(f"{c} {names[str(c)]}" if names.get(str(c)) else str(c) for c in unscored)
+        lines.append(
+            f"not scored (no episode): {named}; the mIoUs are over the other "
+            f"{len(summary['class_iou']) - len(unscored)} classes"
+        )
     lines.append(
         f"mIoU {_fmt(summary['miou'])}  FB-IoU {_fmt(summary['fbiou'])}  "
         f"oracle mIoU {_fmt(summary.get('oracle_miou'))}  "

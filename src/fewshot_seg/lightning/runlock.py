@@ -7,6 +7,10 @@ and refuses a folder whose lock is held; a lock file left by a process that is g
 *fresh* fit (no ``--ckpt_path``) into a folder that already holds checkpoints is refused unless told to
 resume (``--ckpt_path last``) or to overwrite (``--overwrite=true``: the earlier checkpoints are
 deleted, and named).
+
+Global rank 0 decides (:func:`claim_run_folder`), and every rank of a multi-process fit exits with its one
+line: ranks started by the cluster (``srun``, ``torchrun``) would otherwise wait for a rank 0 that has
+already left, in process-group initialisation, until its timeout.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from pytorch_lightning import Callback
 
 try:
@@ -29,6 +35,9 @@ except ImportError:  # not POSIX (Windows): fits run unlocked
 from fewshot_seg.lightning.checkpoints import checkpoint_files
 
 LOCK_NAME = ".fit.lock"
+CLAIMED_ENV = "FEWSHOT_SEG_RUN_FOLDER_CLAIMED_BY"
+"""Set by a global rank 0 that claimed the run folder before Lightning started the other ranks (its pid):
+those ranks, its child processes, inherit it and know the folder is claimed."""
 
 
 class RunFolderError(ValueError):
@@ -138,3 +147,68 @@ def check_fresh_fit(folder: Path, overwrite: bool) -> None:
         f"--overwrite: deleted the earlier fit's checkpoints in {folder / 'checkpoints'}: {names}",
         file=sys.stderr,
     )
+
+
+def _claim(folder: Path, fresh: bool, overwrite: bool) -> RunLock:
+    """Take the folder's lock and, for a fresh fit, check (or clear) earlier checkpoints."""
+    lock = RunLock(folder).acquire()
+    try:
+        if fresh:
+            check_fresh_fit(folder, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def claim_run_folder(trainer: Any, folder: Path, fresh: bool, overwrite: bool) -> RunLock | None:
+    """Claim ``folder`` for this fit on global rank 0, or refuse it on *every* rank with the same line.
+
+    Where the other ranks only start once rank 0 has claimed the folder (one process; Lightning's own
+    launcher, whose children inherit :data:`CLAIMED_ENV`), rank 0 decides alone. Where the cluster started
+    every rank (``srun``, ``torchrun``: ``creates_processes_externally``), all ranks are here at once: they
+    initialise the process group now (the fit would next), rank 0 claims the folder and broadcasts its
+    refusal, and every rank raises it.
+
+    Args:
+        trainer: the fit's Trainer (its strategy, ranks and world size).
+        folder: the run folder (as rank 0 computes it; the other ranks' value is not used).
+        fresh: a fit without ``--ckpt_path``: earlier checkpoints are refused unless ``overwrite``.
+        overwrite: delete (naming them) an earlier fit's checkpoints instead of refusing.
+
+    Returns:
+        The held lock on global rank 0, None on the other ranks.
+
+    Raises:
+        RunFolderError: on every rank, when rank 0 may not use the folder.
+    """
+    strategy = trainer.strategy
+    env = getattr(strategy, "cluster_environment", None)
+    claimed_by_parent = os.environ.get(CLAIMED_ENV) == str(os.getppid())
+    together = trainer.world_size > 1 and bool(getattr(env, "creates_processes_externally", False))
+    if not together or claimed_by_parent:
+        if not trainer.is_global_zero:
+            return None  # started by a global rank 0 that has claimed the folder
+        lock = _claim(folder, fresh, overwrite)
+        if trainer.world_size > 1:
+            os.environ[CLAIMED_ENV] = str(os.getpid())  # the ranks Lightning starts next inherit it
+        return lock
+    strategy.setup_environment()  # the process group: every rank is here, none waits for a rank gone
+    lock, failure, refusal = None, None, None
+    if trainer.is_global_zero:
+        try:
+            lock = _claim(folder, fresh, overwrite)
+        except Exception as err:
+            failure = err
+            refusal = (
+                str(err)
+                if isinstance(err, RunFolderError)
+                else f"run folder {folder}: global rank 0 could not claim it ({type(err).__name__}: {err})"
+            )
+    refusal = strategy.broadcast(refusal, src=0)
+    if refusal is None:
+        return lock
+    torch.distributed.destroy_process_group()
+    if failure is not None and not isinstance(failure, RunFolderError):
+        raise failure  # rank 0 shows its own error in full; the others say what stopped it
+    raise RunFolderError(refusal)

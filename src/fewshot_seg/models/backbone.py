@@ -15,6 +15,19 @@ from torchvision.ops import FrozenBatchNorm2d
 
 SIZE_DIVISIBILITY = 32
 
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built from its configuration; ``option`` names the BackboneConfig field
+    at fault (``name``, ``weights``), so that a command line can name its argument."""
+
+    option = "name"
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        if option is not None:
+            self.option = option
+
+
 _ARCHS = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights, 1),
     "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights, 1),
@@ -124,7 +137,7 @@ def build_backbone(
 
         return build_timm_backbone(name, weights, frozen_bn=frozen_bn, pyramid_channels=pyramid_channels)
     if name not in _ARCHS:
-        raise ValueError(
+        raise BackboneError(
             f"unknown backbone {name!r}; choose from {sorted(_ARCHS)} or a timm model as 'timm:<name>'"
         )
     ctor = _ARCHS[name][0]

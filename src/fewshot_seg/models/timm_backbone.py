@@ -16,6 +16,7 @@ tokens; unchanged for patch 16), so that token (i, j) covers the 16 x 16 input p
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.models.backbone import BackboneError
 from fewshot_seg.models.feature_pyramid import LEVELS, SimpleFeaturePyramid
 
 SIZE_DIVISIBILITY = 32
@@ -38,8 +40,10 @@ PRETRAINED = ("pretrained", "imagenet", "timm")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
-class BackboneWeightsError(ValueError):
+class BackboneWeightsError(BackboneError):
     """A backbone weights file that cannot be read or does not fit the model; the message names it."""
+
+    option = "weights"
 
 
 def _pad(images: Tensor) -> Tensor:
@@ -278,7 +282,11 @@ def build_timm_backbone(
     timm = _timm()
     arch = timm_model_name(name)
     if not timm.is_model(arch.split(".")[0]):
-        raise ValueError(f"unknown timm model {arch!r} (`timm.list_models('*word*')` lists the names)")
+        close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=1)
+        hint = f" (did you mean timm:{close[0]}?)" if close else ""
+        raise BackboneError(
+            f"unknown timm model {arch!r}{hint}; `timm.list_models('*word*')` lists the names"
+        )
     probe = _probe(timm, arch)
     kwargs = _model_kwargs(probe)
     plain = _is_plain(probe)

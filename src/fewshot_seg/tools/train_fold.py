@@ -305,6 +305,7 @@ class FoldRun:
         self.name = f"{args.dataset}-fold{args.fold}-seed{args.seed}"
         self.cli = [sys.executable, "-m", "fewshot_seg.cli"]
         self.start = time.perf_counter()
+        self.runs = 0  # stages and tests this invocation has run
 
     def stage(self, what: str) -> Stage:
         return Stage(self.run_dir, f"{self.name}-{what}", self.project)
@@ -354,16 +355,21 @@ class FoldRun:
             print(f"stage 1: done, skipped ({stage.done_file}; checkpoint {ckpt})", flush=True)
             return ckpt
         fit = self.stage_args(self.stage1_cfg, stage, self.args.shots[0], self.steps and self.steps[0])
-        _run([*self.cli, "fit", *fit, *stage.resume_args()])
+        self._run([*self.cli, "fit", *fit, *stage.resume_args()])
         return stage.finish(best_checkpoint(stage))
+
+    def _run(self, cmd: list[str]) -> None:
+        self.runs += 1
+        _run(cmd)
 
     def shot(self, shot: int, stage1_ckpt: Path) -> Path | None:
         """Stage 2 and the test at ``shot``, then the fold summary; its path (None off global rank 0)."""
         stage2 = self.stage(f"stage2-{shot}shot")
+        runs = self.runs
         from_stage1 = [f"--model.init_args.stage1_checkpoint={stage1_ckpt}"]
         if stage2.done is None:
             fit = self.stage_args(self.stage2_cfg, stage2, shot, self.steps and self.steps[1])
-            _run([*self.cli, "fit", *fit, *from_stage1, *stage2.resume_args()])
+            self._run([*self.cli, "fit", *fit, *from_stage1, *stage2.resume_args()])
             stage2_ckpt = stage2.finish(best_checkpoint(stage2))
         else:
             stage2_ckpt = Path(stage2.done["best"])
@@ -374,32 +380,51 @@ class FoldRun:
         done2 = stage2.done_file.stat().st_mtime if stage2.done_file.exists() else float("inf")
         if not results.exists() or results.stat().st_mtime < done2:
             test_args = self.stage_args(self.stage2_cfg, test, shot, None)
-            _run([*self.cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
+            self._run([*self.cli, "test", *test_args, *from_stage1, f"--ckpt_path={stage2_ckpt}"])
         else:
             print(f"test, {shot}-shot: results up to date, skipped ({results})")
         if not rank_zero():
             return None  # global rank 0 summarises
         if not results.exists():
             raise SystemExit(f"the test run wrote no results.json under {test.folder}")
-        return self.summarise(shot, results, stage1_ckpt, stage2_ckpt)
+        return self.summarise(shot, results, stage1_ckpt, stage2_ckpt, ran=self.runs > runs)
 
-    def summarise(self, shot: int, results: Path, stage1_ckpt: Path, stage2_ckpt: Path) -> Path:
-        """Write ``<run-dir>/summary-<K>shot.json`` (what ``aggregate`` reads) and print its table."""
+    def summarise(self, shot: int, results: Path, stage1_ckpt: Path, stage2_ckpt: Path, ran: bool) -> Path:
+        """Write ``<run-dir>/summary-<K>shot.json`` (what ``aggregate`` reads) and print its table.
+
+        ``ran``: this invocation ran the shot's stage 2 or test (else its time is not the results').
+        """
         summary = json.loads(results.read_text())
+        out = self.run_dir / summary_name(shot)
+        # The time of the invocation that ran the stages and the test; one that ran nothing (all done)
+        # keeps the time its earlier summary of the same results recorded.
+        earlier = None if ran else _earlier_wall_time(out, results)
         summary.update(
             kind=SUMMARY_KIND,
             seed=self.args.seed,
             test_wall_time_s=summary.get("wall_time_s"),
-            wall_time_s=time.perf_counter() - self.start,  # this invocation: the stages it ran and the test
+            wall_time_s=time.perf_counter() - self.start if earlier is None else earlier,
             stage1_checkpoint=str(stage1_ckpt),
             stage2_checkpoint=str(stage2_ckpt),
             test_results=str(results),
         )
-        out = self.run_dir / summary_name(shot)
         _write(out, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         print("\n" + format_class_table(summary))
         print(out)
         return out
+
+
+def _earlier_wall_time(summary: Path, results: Path) -> float | None:
+    """``wall_time_s`` of an existing fold summary written from ``results`` as it is now, else None."""
+    try:
+        earlier = json.loads(summary.read_text())
+        current = summary.stat().st_mtime >= results.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(earlier, dict) and current and earlier.get("test_results") == str(results)):
+        return None
+    wall = earlier.get("wall_time_s")
+    return float(wall) if isinstance(wall, (int, float)) else None
 
 
 def main(argv: list[str] | None = None) -> Path:

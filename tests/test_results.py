@@ -6,8 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from cli_helpers import STAGE1, run_dir_args, tiny_data
 
+from fewshot_seg.cli import main
 from fewshot_seg.lightning.results import format_class_table, summarize, write_results
 from fewshot_seg.metrics import FewShotIoU
 
@@ -60,3 +63,18 @@ def test_every_class_scored_prints_as_before() -> None:
     summary = summarize({"model": metric.compute()}, stage="mm", datamodule=_Data(), wall_time_s=1.0)
     assert summary["unscored_classes"] == [] and summary["miou"] == 100.0
     assert not any(line.startswith("not scored") for line in format_class_table(summary).splitlines())
+
+
+def test_a_validation_that_misses_a_class_says_so(synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """4 validation episodes cannot draw the 5 novel classes: val/miou says which it is not over."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["fit", *STAGE1, *tiny_data(synthetic_root), *run_dir_args(tmp_path, "v")]
+    args += [
+        "--trainer.max_steps=1",
+        "--trainer.val_check_interval=1",
+        "--model.init_args.loss.num_points=64",
+    ]
+    with pytest.warns(
+        UserWarning, match=r"^val: class(es)? [\d, ]+ drew no episode among the 4; the mIoU is"
+    ):
+        main(args)

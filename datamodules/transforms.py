@@ -140,7 +140,8 @@ class TestTransform:
 
     ``resize="cv2"``: the image is resized with OpenCV's bilinear interpolation (no antialiasing);
     ``"pil"``: with PIL's bilinear filter, as torchvision's ``Resize`` does on PIL images (antialiased
-    when shrinking: the published HSNet / PATNet loaders). Labels are always resized nearest-neighbour.
+    when shrinking: the published HSNet / PATNet / Matcher loaders). Labels are always resized
+    nearest-neighbour.
     """
 
     def __init__(self, image_size: int, square: bool = False, resize: str = "cv2") -> None:

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fewshot_seg.episode import image_tensor
+
 from .errors import DatasetError
 from .labels import LabelValues, binary_label, label_values, semantic_label
 from .protocols import Episode
 from .source import SegmentationSource
-from .transforms import TestTransform, TrainAugment, image_tensor
+from .transforms import TestTransform, TrainAugment
 
 
 def episode_sample(

@@ -10,12 +10,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
-
-from .episodes import episode_sample
-from .errors import DatasetError
-from .protocols import ProtocolName, get_protocol
-from .transforms import TestTransform
-from .user_images import (
+from fewshot_seg.user_images import (
     MASK_CONVENTION,
     check_same_size,
     image_extensions,
@@ -24,6 +19,11 @@ from .user_images import (
     read_user_mask,
     require_object,
 )
+
+from .episodes import episode_sample
+from .errors import DatasetError
+from .protocols import ProtocolName, get_protocol
+from .transforms import TestTransform
 
 FOLDER_LAYOUT = f"""expected layout under the root:
   supports/<name>.<ext>                  support images (any format PIL reads: jpg, png, webp, bmp, tif, ...)
@@ -57,7 +57,7 @@ class FolderEpisodes(Dataset):
     used is listed in :attr:`failed` with the reason and left out, so the others are still predicted.
     Query ids are the paths relative to ``queries/`` *with* their extension (``a.jpg`` and ``a.png``
     are two queries). Supports must all be usable (no prediction without them). Images are read as
-    displayed (EXIF orientation) and masks by one convention (``datamodules.user_images``).
+    displayed (EXIF orientation) and masks by one convention (``fewshot_seg.user_images``).
 
     Args:
         root: the episode folder.
@@ -177,7 +177,7 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
     ``masks/<name>.png``; ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Masks
-    follow ``datamodules.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
+    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
     background, 255 ignore, any other value the object); images are read as displayed (EXIF
     orientation). Every query is paired with all supports (sorted by file name). ``predict`` segments
     every query (those without a mask get all-255 labels); ``test`` scores only the queries with a

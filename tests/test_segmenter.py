@@ -14,8 +14,8 @@ from test_user_images import _rotated_jpeg
 
 from datamodules import DatasetError
 from fewshot_seg import Segmenter
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.cli import main
-from fewshot_seg.lightning.checkpoints import CheckpointError
 
 
 def _episode(folder: Path) -> dict[str, list[Path]]:

@@ -28,10 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.errors import DatasetError
-from datamodules.user_images import image_extensions, is_mask_file, read_user_image
-from fewshot_seg.lightning.checkpoints import CheckpointError
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.lightning.prediction import OutputError, check_output_folder
 from fewshot_seg.segmenter import Segmenter, Supports
+from fewshot_seg.user_images import image_extensions, is_mask_file, read_user_image
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MANIFEST = "manifest.csv"

@@ -38,11 +38,11 @@ from typing import Any
 from PIL import Image
 
 from datamodules.errors import DatasetError
-from datamodules.user_images import read_user_image, read_user_mask
-from fewshot_seg.lightning.checkpoints import CheckpointError
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.lightning.prediction import OutputError
 from fewshot_seg.segmenter import Segmenter
 from fewshot_seg.tools.segment import load_segmenter, model_tool_parser
+from fewshot_seg.user_images import read_user_image, read_user_mask
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MAX_SUPPORTS = 5

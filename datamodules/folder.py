@@ -13,11 +13,10 @@ from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
 from fewshot_seg.user_images import (
     MASK_CONVENTION,
     check_same_size,
-    image_extensions,
-    is_mask_file,
     read_user_image,
     read_user_mask,
     require_object,
+    scan_images,
 )
 
 from .episodes import episode_sample
@@ -30,15 +29,6 @@ FOLDER_LAYOUT = f"""expected layout under the root:
   supports/<name>_mask.png  or  masks/<name>.png   their masks ({MASK_CONVENTION})
   queries/[<sub>/]<name>.<ext>           query images, also in sub-folders
   queries/[<sub>/]<name>_mask.png        optional query masks, same convention (enables scoring)"""
-
-
-def _scan(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
-    """(images, unsupported files) of ``folder``; ``*_mask.*`` files are masks, not images."""
-    exts = image_extensions()
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
-    images = [p for p in files if p.suffix.lower() in exts and not is_mask_file(p)]
-    unsupported = [p for p in files if p.suffix.lower() not in exts and not p.name.startswith(".")]
-    return images, unsupported
 
 
 def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
@@ -80,7 +70,7 @@ class FolderEpisodes(Dataset):
         for d in (root, sup_dir, qry_dir):
             if not d.is_dir():
                 raise DatasetError(f"folder not found: {d}\n{FOLDER_LAYOUT}")
-        supports, sup_unsupported = _scan(sup_dir, recursive=False)
+        supports, sup_unsupported = scan_images(sup_dir, recursive=False)
         if not supports:
             raise DatasetError(f"no support images in {sup_dir}\n{FOLDER_LAYOUT}")
         self.supports: list[tuple[Path, Path]] = []
@@ -101,7 +91,7 @@ class FolderEpisodes(Dataset):
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         for s, m in self.supports:
             require_object(_pair(s, m)[1], f"support mask {m}")
-        queries, unsupported = _scan(qry_dir, recursive=True)
+        queries, unsupported = scan_images(qry_dir, recursive=True)
         self.unsupported = [str(p) for p in sup_unsupported + unsupported]
         self.failed: list[tuple[str, str]] = []
         self.unscored: list[str] = []
@@ -242,6 +232,11 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
             self.shot,
             scored_only=split == "test",
         )
+
+    @property
+    def query_ids(self) -> list[str]:
+        """The ids of the queries of the last loader built (paths under ``queries/``, extensions kept)."""
+        return [query_id for _, _, query_id in self._dataset.queries] if self._dataset is not None else []
 
     @property
     def failed(self) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ def test_segmenter_imports_no_training_stack(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from fewshot_seg import Segmenter\n"
+        "from fewshot_seg.tools import segment, serve\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({TRAINING_STACK!r})))\n"
     )
     out = _run(code, tmp_path)

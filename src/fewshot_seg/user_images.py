@@ -159,6 +159,28 @@ def is_mask_file(path: Path) -> bool:
     return path.stem.endswith("_mask")
 
 
+def scan_images(
+    folder: Path, recursive: bool = False, exclude: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(images, unsupported files) of ``folder``, sorted: the one folder scanner of the folder DataModule
+    and ``fewshot-seg segment``.
+
+    Hidden files (``.name``: editor and OS leftovers, our own ``.tmp`` files) and masks (``*_mask.*``) are
+    neither; so is everything under ``exclude`` (an output folder inside the input folder). A file whose
+    extension PIL does not open is unsupported.
+    """
+    exts = image_extensions()
+    skip = exclude.resolve() if exclude is not None else None
+    images, unsupported = [], []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or is_mask_file(p):
+            continue
+        if skip is not None and p.resolve().is_relative_to(skip):
+            continue
+        (images if p.suffix.lower() in exts else unsupported).append(p)
+    return images, unsupported
+
+
 class Letterbox:
     """Resize so the long side is ``size`` (aspect ratio kept), then pad bottom/right to ``size x size``.
 

@@ -37,11 +37,10 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.errors import DatasetError
-from fewshot_seg.checkpoints import CheckpointError
-from fewshot_seg.lightning.prediction import OutputError
+from fewshot_seg.errors import DatasetError
+from fewshot_seg.outputs import MASK_SUFFIX, OutputNames
 from fewshot_seg.segmenter import Segmenter
-from fewshot_seg.tools.segment import load_segmenter, model_tool_parser
+from fewshot_seg.tools.common import USER_ERRORS, load_segmenter, model_tool_parser
 from fewshot_seg.user_images import read_user_image, read_user_mask
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
@@ -73,10 +72,10 @@ def _png_data_url(image: Image.Image) -> str:
 
 
 def _safe_name(name: Any, index: int) -> str:
-    """A file name for the zip: the upload's base name, reduced to safe characters."""
-    base = Path(str(name or f"query{index}")).name
-    stem = re.sub(r"[^\w.-]+", "_", Path(base).stem).strip("._") or f"query{index}"
-    return stem
+    """A file name for the zip: the upload's base name (extension kept), reduced to safe characters."""
+    base = Path(str(name or f"query{index}.png")).name
+    safe = re.sub(r"[^\w.-]+", "_", base).strip("._")
+    return safe if Path(safe).stem else f"query{index}.png"
 
 
 class SegmentApp:
@@ -112,17 +111,15 @@ class SegmentApp:
             results = self.segmenter.segment(query_images, encoded)
         token = secrets.token_hex(16)
         zip_path = self.workdir / f"{token}.zip"
-        out, names = [], set()
+        uploads = [_safe_name(q.get("name"), i) for i, q in enumerate(queries)]
+        names, out = OutputNames(uploads), []
         with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-            for i, (q, image, mask) in enumerate(zip(queries, query_images, results)):
-                name = _safe_name(q.get("name"), i)
-                while name in names:
-                    name += "_"
-                names.add(name)
+            for upload, image, mask in zip(uploads, query_images, results):
+                name = names.stem(upload)
                 mask_png = mask_image(mask)
                 buf = io.BytesIO()
                 mask_png.save(buf, format="PNG")
-                zf.writestr(f"{name}_mask.png", buf.getvalue())
+                zf.writestr(f"{name}{MASK_SUFFIX}", buf.getvalue())
                 out.append(
                     {
                         "name": name,
@@ -209,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         segmenter = load_segmenter(args)
-    except (CheckpointError, OutputError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="fewshot-seg-serve-"))

@@ -2,9 +2,9 @@
 
 Samples are dicts with the ``EpisodeBatch`` fields (no batch dimension), stacked by
 ``fewshot_seg.episode.collate_episodes``. Images and masks travel as uint8 (a quarter of float32's bytes
-between worker processes and to the device); the model normalises the images on its device and the
-collate function turns the masks into int64. Labels: ``labels.py``; saved lists: ``episode_lists.py``;
-which keys a process draws: ``sampling.py``.
+between worker processes and to the device); the stage modules normalise the images and widen the
+labels to int64 on the device (``EpisodeBatch.normalized``). Labels: ``labels.py``; saved lists:
+``episode_lists.py``; which keys a process draws: ``sampling.py``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,10 @@ queries, see each query's overlay and download the masks.
     fewshot-seg serve --ckpt stage2.ckpt [--host 127.0.0.1] [--port 7860] [--device auto]
 
 Python's own HTTP server and one self-contained HTML page (``serve_page.html``: no script or style from
-the network). Gradio, which the field's demos use, was not taken: its current release requires
-``pillow<13`` while this project pins pillow 13.0.0, and it brings some thirty packages (FastAPI, pandas,
-...) for a page of four controls. The page posts the images as data URLs to ``/api/segment``; the
-server segments them with :class:`fewshot_seg.Segmenter` (so the masks are the API's) and answers with
-overlays and masks as PNG data URLs, plus a zip kept in its own temporary folder, which is the only
-folder it serves files from and is deleted when it stops (Ctrl-C or SIGTERM).
+the network; why not Gradio: docs/inference.md). The page posts the images as data URLs to
+``/api/segment``; the server segments them with :class:`fewshot_seg.Segmenter` (so the masks are the
+API's) and answers with overlays and masks as PNG data URLs, plus a zip kept in its own temporary folder,
+which is the only folder it serves files from and is deleted when it stops (Ctrl-C or SIGTERM).
 
 Loopback only unless ``--host`` says otherwise; a request larger than ``--max-upload-mb`` is refused
 before it is read.

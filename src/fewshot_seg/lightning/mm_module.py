@@ -280,7 +280,7 @@ class MMModule(EpisodeModule):
     def forward(self, batch: EpisodeBatch) -> dict[str, Any]:
         """Mask Matching outputs (``foreground [B, H, W]`` at input size, ``similarity``, ...).
 
-        The inference path of :class:`fewshot_seg.Segmenter` too (``models.inference``): the backbone and
+        The inference path of :class:`fewshot_seg.Segmenter` too (``models.mm_forward``): the backbone and
         POS run frozen, under ``no_grad``.
         """
         supports = encode_supports(self.backbone, self.mm, batch.support_images, batch.support_masks)

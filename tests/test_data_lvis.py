@@ -245,7 +245,7 @@ def test_matcher_folds_depend_on_the_shot(tmp_path: Path) -> None:
 
 
 def test_a_one_shot_fold_model_is_refused_on_matcher_five_shot_folds(tmp_path: Path) -> None:
-    from fewshot_seg.lightning.checkpoints import CheckpointError
+    from fewshot_seg.checkpoints import CheckpointError
     from fewshot_seg.lightning.provenance import check_class_split, merge_trained_on
 
     root = make_fake_lvis(tmp_path / "lvis", val_images={c: 3 if c == 3 else 6 for c in range(1, 23)})

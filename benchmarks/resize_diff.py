@@ -1,10 +1,12 @@
 """How much the test resize changes the model's inputs: OpenCV bilinear vs the published PIL resize.
 
-    python benchmarks/resize_diff.py [--size 400] [--episodes 30]
+    python benchmarks/resize_diff.py [--size N] [--episodes 30]
 
-Builds tiny ISIC-2018 and Chest X-ray trees (``datamodules.fake``) at image sizes of the real sets
-(ISIC 1022 x 767, a common dermoscopy size; Chest X-ray 2048 x 2048, a Shenzhen X-ray; Deepglobe 408 x
-408 tiles), in two contents: the fakes' uniform noise (the worst case: all detail is above the new
+Builds tiny ISIC-2018, Chest X-ray, Deepglobe and LVIS-92i trees (``datamodules.fake``) at image sizes
+of the real sets (ISIC 1022 x 767, a common dermoscopy size; Chest X-ray 2048 x 2048, a Shenzhen X-ray;
+Deepglobe 408 x 408 tiles; LVIS 640 x 480, the most common COCO 2017 size), resized to each protocol's
+published size (400 for PATNet's sets, 518 for Matcher's LVIS-92i) unless ``--size`` is given, in two
+contents: the fakes' uniform noise (the worst case: all detail is above the new
 Nyquist limit) and a smooth image (noise blurred with a Gaussian of sigma 1 % of the image side, a
 stand-in for skin or lung texture). For the test episodes' query images it prints the mean absolute
 difference between the two resizes, in uint8 grey levels and in the model's normalised input units
@@ -21,15 +23,23 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from datamodules import ChestXrayDataModule, DeepglobeDataModule, ISIC2018DataModule
-from datamodules.fake import make_fake_chestxray, make_fake_deepglobe, make_fake_isic
+from datamodules import ChestXrayDataModule, DeepglobeDataModule, ISIC2018DataModule, LVIS92iDataModule
+from datamodules.fake import make_fake_chestxray, make_fake_deepglobe, make_fake_isic, make_fake_lvis
 from fewshot_seg.episode import PIXEL_STD
 
 SETS = {
     "isic2018": (ISIC2018DataModule, make_fake_isic, (767, 1022)),
     "chestxray": (ChestXrayDataModule, make_fake_chestxray, (2048, 2048)),
     "deepglobe": (DeepglobeDataModule, make_fake_deepglobe, (408, 408)),
+    "lvis92i": (LVIS92iDataModule, make_fake_lvis, (480, 640)),
 }
+
+
+def published_size(name: str) -> int:
+    """The ``image_size`` the set's default protocol was published at (PATNet 400, Matcher 518)."""
+    size = SETS[name][0](root="unread").eval_protocol.published_size  # the constructor reads no file
+    assert size is not None, name
+    return size
 
 
 def _smooth(folder: Path) -> None:
@@ -77,16 +87,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=400, help="image_size (PATNet: 400)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image_size; default each protocol's (PATNet 400, Matcher 518)"
+    )
     parser.add_argument("--episodes", type=int, default=30, help="test episodes per set")
     args = parser.parse_args(argv)
-    print("| set (source size) | content | mean abs diff (grey levels) | (normalised units) | worst image |")
+    print(
+        "| set (source size -> test size) | content | mean abs diff (grey levels) | (normalised units) "
+        "| worst image |"
+    )
     print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (_, _, shape) in SETS.items():
+            size = args.size or published_size(name)
             for content in ("noise", "smooth"):
-                grey, norm, worst = measure(name, content, args.size, args.episodes, Path(tmp))
-                where = f"{name} ({shape[1]} x {shape[0]})"
+                grey, norm, worst = measure(name, content, size, args.episodes, Path(tmp))
+                where = f"{name} ({shape[1]} x {shape[0]} -> {size})"
                 print(f"| {where} | {content} | {grey:.2f} | {norm:.3f} | {worst:.2f} |")
 
 

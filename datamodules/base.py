@@ -122,8 +122,9 @@ class EpisodeDataModule(pl.LightningDataModule):
             pin_memory: Pin loader memory (faster host-to-GPU copies).
             image_resize: How validation/test images are resized: "cv2" (OpenCV bilinear, no
                 antialiasing) or "pil" (torchvision ``Resize`` of the PIL image, antialiased bilinear:
-                the published HSNet / PATNet loaders). None = the protocol's (``pil`` for "hsnet_fss"
-                and "patnet", ``cv2`` otherwise). Training augmentation is unaffected.
+                the published HSNet / PATNet / Matcher loaders). None = the protocol's (``pil`` for
+                "hsnet_fss", "patnet" and "lvis92i", ``cv2`` otherwise). Training augmentation is
+                unaffected.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -300,8 +301,21 @@ class EpisodeDataModule(pl.LightningDataModule):
         """The saved "test" or "val" episode list of this fold and protocol."""
         num, seed = self.episode_count_and_seed(split)
         return episode_list_path(
-            self.episode_list_dir, self.name, self.fold, split, num, seed, self.max_shot, self.eval_protocol
+            self.episode_list_dir,
+            self.list_name,
+            self.fold,
+            split,
+            num,
+            seed,
+            self.max_shot,
+            self.eval_protocol,
         )
+
+    @property
+    def list_name(self) -> str:
+        """Dataset part of the episode-list file names: ``name``; a DataModule whose fold classes follow
+        another rule on request adds a tag, so the two lists do not overwrite each other."""
+        return self.name
 
     def episode_list(self, split: str) -> list[Episode]:
         """The saved "test" or "val" list of novel-class episodes on the test images (drawn once)."""

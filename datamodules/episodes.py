@@ -2,9 +2,9 @@
 
 Samples are dicts with the ``EpisodeBatch`` fields (no batch dimension), stacked by
 ``fewshot_seg.episode.collate_episodes``. Images and masks travel as uint8 (a quarter of float32's bytes
-between worker processes and to the device); the model normalises the images on its device and the
-collate function turns the masks into int64. Labels: ``labels.py``; saved lists: ``episode_lists.py``;
-which keys a process draws: ``sampling.py``.
+between worker processes and to the device); the stage modules normalise the images and widen the
+labels to int64 on the device (``EpisodeBatch.normalized``). Labels: ``labels.py``; saved lists:
+``episode_lists.py``; which keys a process draws: ``sampling.py``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fewshot_seg.episode import image_tensor
+
 from .errors import DatasetError
 from .labels import LabelValues, binary_label, label_values, semantic_label
 from .protocols import Episode
 from .source import SegmentationSource
-from .transforms import TestTransform, TrainAugment, image_tensor
+from .transforms import TestTransform, TrainAugment
 
 
 def episode_sample(

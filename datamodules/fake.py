@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -301,7 +302,8 @@ def make_fake_chestxray(
 
 
 LVIS_FAKE_CATEGORIES = 24
-"""Categories 1..22 are in 3 val images each (eligible), 23 in one (not eligible), 24 in none."""
+"""Categories 1..22 are in 3 val images each by default (eligible), 23 in one (not eligible), 24 in none."""
+LVIS_FAKE_IMAGES_PER_CATEGORY = 3
 
 
 def _lvis_record(image_id: int, folder: str, h: int, w: int) -> dict:
@@ -316,12 +318,21 @@ def _lvis_record(image_id: int, folder: str, h: int, w: int) -> dict:
     }
 
 
-def make_fake_lvis(root: str | os.PathLike, size: tuple[int, int] = (64, 80), seed: int = 0) -> Path:
+def make_fake_lvis(
+    root: str | os.PathLike,
+    size: tuple[int, int] = (64, 80),
+    seed: int = 0,
+    val_images: Mapping[int, int] | None = None,
+) -> Path:
     """LVIS v1 layout: ``annotations/lvis_v1_{train,val}.json`` over :data:`LVIS_FAKE_CATEGORIES` categories
     and COCO 2017 image folders ``train2017/``, ``val2017/`` (one val image lives in ``train2017/``, as
     LVIS v1 val images may; its ``coco_url`` says so). Images hold 4 categories as quadrant polygons;
     one val image (the last) has two instances of category 1 (a polygon and a compressed RLE) and an
-    instance of category 2 overlapping the first. Training images show every category 3 times."""
+    instance of category 2 overlapping the first. Training images show every category 3 times.
+    ``val_images`` sets the number of val images of some of the categories 1..22 (default 3 each), e.g.
+    for shot-dependent folds; the default tree is the same as without it."""
+    if not set(val_images or {}) <= set(range(1, 23)):
+        raise ValueError(f"val_images: only categories 1..22 can be set, got {sorted(val_images or {})}")
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -334,7 +345,12 @@ def make_fake_lvis(root: str | os.PathLike, size: tuple[int, int] = (64, 80), se
     ]  # fmt: skip
     for split in ("train", "val"):
         cats = range(1, LVIS_FAKE_CATEGORIES + 1) if split == "train" else range(1, 23)
-        slots = [c for _ in range(3) for c in cats] + ([23] if split == "val" else [])
+        n = dict.fromkeys(cats, LVIS_FAKE_IMAGES_PER_CATEGORY)
+        if split == "val":
+            n.update(val_images or {})
+        slots = [c for r in range(max(n.values())) for c in cats if n[c] > r]
+        if split == "val":
+            slots.append(23)  # last, after the rounds: the default tree is the one made before val_images
         images, anns = [], []
         base = 1 if split == "train" else 500000
         for k in range((len(slots) + 3) // 4):

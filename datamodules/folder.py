@@ -10,35 +10,25 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from fewshot_seg.episode import IGNORE_INDEX, collate_episodes
+from fewshot_seg.user_images import (
+    MASK_CONVENTION,
+    check_same_size,
+    read_user_image,
+    read_user_mask,
+    require_object,
+    scan_images,
+)
 
 from .episodes import episode_sample
 from .errors import DatasetError
 from .protocols import ProtocolName, get_protocol
 from .transforms import TestTransform
-from .user_images import (
-    MASK_CONVENTION,
-    check_same_size,
-    image_extensions,
-    is_mask_file,
-    read_user_image,
-    read_user_mask,
-    require_object,
-)
 
 FOLDER_LAYOUT = f"""expected layout under the root:
   supports/<name>.<ext>                  support images (any format PIL reads: jpg, png, webp, bmp, tif, ...)
   supports/<name>_mask.png  or  masks/<name>.png   their masks ({MASK_CONVENTION})
   queries/[<sub>/]<name>.<ext>           query images, also in sub-folders
   queries/[<sub>/]<name>_mask.png        optional query masks, same convention (enables scoring)"""
-
-
-def _scan(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
-    """(images, unsupported files) of ``folder``; ``*_mask.*`` files are masks, not images."""
-    exts = image_extensions()
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
-    images = [p for p in files if p.suffix.lower() in exts and not is_mask_file(p)]
-    unsupported = [p for p in files if p.suffix.lower() not in exts and not p.name.startswith(".")]
-    return images, unsupported
 
 
 def _mask_for(image: Path, mask_dir: Path | None) -> Path | None:
@@ -57,7 +47,7 @@ class FolderEpisodes(Dataset):
     used is listed in :attr:`failed` with the reason and left out, so the others are still predicted.
     Query ids are the paths relative to ``queries/`` *with* their extension (``a.jpg`` and ``a.png``
     are two queries). Supports must all be usable (no prediction without them). Images are read as
-    displayed (EXIF orientation) and masks by one convention (``datamodules.user_images``).
+    displayed (EXIF orientation) and masks by one convention (``fewshot_seg.user_images``).
 
     Args:
         root: the episode folder.
@@ -80,7 +70,7 @@ class FolderEpisodes(Dataset):
         for d in (root, sup_dir, qry_dir):
             if not d.is_dir():
                 raise DatasetError(f"folder not found: {d}\n{FOLDER_LAYOUT}")
-        supports, sup_unsupported = _scan(sup_dir, recursive=False)
+        supports, sup_unsupported = scan_images(sup_dir, recursive=False)
         if not supports:
             raise DatasetError(f"no support images in {sup_dir}\n{FOLDER_LAYOUT}")
         self.supports: list[tuple[Path, Path]] = []
@@ -101,7 +91,7 @@ class FolderEpisodes(Dataset):
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         for s, m in self.supports:
             require_object(_pair(s, m)[1], f"support mask {m}")
-        queries, unsupported = _scan(qry_dir, recursive=True)
+        queries, unsupported = scan_images(qry_dir, recursive=True)
         self.unsupported = [str(p) for p in sup_unsupported + unsupported]
         self.failed: list[tuple[str, str]] = []
         self.unscored: list[str] = []
@@ -177,7 +167,7 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
     ``masks/<name>.png``; ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Masks
-    follow ``datamodules.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
+    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
     background, 255 ignore, any other value the object); images are read as displayed (EXIF
     orientation). Every query is paired with all supports (sorted by file name). ``predict`` segments
     every query (those without a mask get all-255 labels); ``test`` scores only the queries with a
@@ -242,6 +232,11 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
             self.shot,
             scored_only=split == "test",
         )
+
+    @property
+    def query_ids(self) -> list[str]:
+        """The ids of the queries of the last loader built (paths under ``queries/``, extensions kept)."""
+        return [query_id for _, _, query_id in self._dataset.queries] if self._dataset is not None else []
 
     @property
     def failed(self) -> list[tuple[str, str]]:

@@ -132,11 +132,14 @@ class LVIS92iDataModule(EpisodeDataModule):
 
     Eligible classes are the val categories with instances in more than one val image, in category-id
     order; fold i holds eligible classes i, i+10, i+20, ... (``len(eligible) // 10`` of them, 92 on LVIS
-    v1). Test and validation episodes come from the val images (``protocol="lvis92i"``: 2,300 episodes,
-    25 per class in turn; query and supports uniform over the class's images, supports never the
-    query; scored at 518 x 518). The mask of an episode is the union of all instances of its class.
-    Training episodes come from the train images, over the categories of no fold-i class. Every other
-    argument is :class:`~datamodules.base.EpisodeDataModule`'s.
+    v1). With ``fold_classes_from_shot`` a category needs more than ``shot`` val images instead
+    (Matcher's rule: its K-shot folds are drawn from fewer classes, interleaved anew). Test and
+    validation episodes come from the val images (``protocol="lvis92i"``: 2,300 episodes, 25 per class
+    in turn; query and supports uniform over the class's images, supports never the query; images
+    resized with PIL's antialiased bilinear filter, labels nearest; scored at 518 x 518). The mask of an
+    episode is the union of all instances of its class. Training episodes come from the train images,
+    over the categories of no fold-i class. Every other argument is
+    :class:`~datamodules.base.EpisodeDataModule`'s.
 
     Args:
         root: Folder holding ``annotations/lvis_v1_{train,val}.json``.
@@ -149,6 +152,10 @@ class LVIS92iDataModule(EpisodeDataModule):
             every image with an instance of the class (Matcher).
         train_pool_min_pixels: The same for training images (PFENet's 2,048 by default); training
             classes with fewer than shot + 1 such images are left out.
+        fold_classes_from_shot: Matcher's shot-dependent folds: only categories in more than ``shot``
+            val images are eligible, so at 2..5 shots the folds hold other classes than at 1 shot (and
+            a model trained for the 1-shot fold has seen some of them). False (default): the 1-shot
+            folds at every shot.
     """
 
     name = "lvis92i"
@@ -164,6 +171,7 @@ class LVIS92iDataModule(EpisodeDataModule):
         test_seed: int = 0,
         pool_min_pixels: int = 0,
         train_pool_min_pixels: int = 2048,
+        fold_classes_from_shot: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -177,6 +185,7 @@ class LVIS92iDataModule(EpisodeDataModule):
         )
         self.image_root = Path(image_root) if image_root else self.root
         self.train_pool_min_pixels = train_pool_min_pixels
+        self.fold_classes_from_shot = fold_classes_from_shot
 
     def annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"lvis_v1_{'train' if split == 'train' else 'val'}.json"
@@ -191,20 +200,39 @@ class LVIS92iDataModule(EpisodeDataModule):
     def _val_source(self) -> LVISSource:
         return self.source("test")  # type: ignore[return-value]
 
+    @property
+    def fold_min_images(self) -> int:
+        """Val images a category needs to be eligible for a fold: 2 (a query and another support), or
+        ``shot + 1`` with ``fold_classes_from_shot`` (Matcher's ``len(val_anno[c]) > shot``)."""
+        return self.shot + 1 if self.fold_classes_from_shot else 2
+
     @cached_property
     def eligible_classes(self) -> list[int]:
-        """Val categories with instances in more than one val image, by id (Matcher's 1-shot rule)."""
-        return [c for c, n in sorted(self._val_source.category_images().items()) if n > 1]
+        """Val categories with instances in at least :attr:`fold_min_images` val images, by id."""
+        need = self.fold_min_images
+        return [c for c, n in sorted(self._val_source.category_images().items()) if n >= need]
 
     def fold_novel_classes(self, fold: int) -> list[int]:
         eligible = self.eligible_classes
         per_fold = len(eligible) // NUM_FOLDS
         if per_fold == 0:
             raise DatasetError(
-                f"{self.annotation_file('test')}: {len(eligible)} categories have instances in more than one "
-                f"image; {NUM_FOLDS} folds need at least {NUM_FOLDS}"
+                f"{self.annotation_file('test')}: {len(eligible)} categories have instances in at least "
+                f"{self.fold_min_images} images; {NUM_FOLDS} folds need at least {NUM_FOLDS}"
             )
         return [eligible[fold + NUM_FOLDS * v] for v in range(per_fold)]
+
+    @property
+    def list_name(self) -> str:
+        # Matcher's K-shot folds hold other classes than the 1-shot ones: their own list files.
+        need = self.fold_min_images
+        return self.name if need == 2 else f"{self.name}_min{need}images"
+
+    def provenance(self) -> dict[str, Any]:
+        record = super().provenance()
+        if self.fold_classes_from_shot:  # recorded only when on: older records are the default's
+            record["fold_classes_from_shot"] = True
+        return record
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]

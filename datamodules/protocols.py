@@ -191,9 +191,9 @@ def _supports_with_repeats(
 
 
 class PublishedLoaderProtocol(EvalProtocol):
-    """Test images as the FSS-1000 and cross-domain loaders give them: ``published_size`` squares made by
-    torchvision's antialiased ``transforms.Resize`` on PIL images (juhongm999/hsnet and slei109/PATNet,
-    ``data/dataset.py``)."""
+    """Test images as the FSS-1000, cross-domain and LVIS-92i loaders give them: ``published_size`` squares
+    made by torchvision's antialiased ``transforms.Resize`` on PIL images (juhongm999/hsnet and
+    slei109/PATNet ``data/dataset.py``, aim-uofa/Matcher ``matcher/data/dataset.py``)."""
 
     square = True
     published_size = 400
@@ -261,11 +261,10 @@ class PATNetProtocol(PublishedLoaderProtocol):
 class LVIS92iProtocol(PATNetProtocol):
     """Matcher's LVIS-92i test (aim-uofa/Matcher ``matcher/data/lvis.py``): the :class:`PATNetProtocol`
     round robin over the fold's classes (2,300 episodes = 25 per class), scored at ``image_size``
-    squares (518 in Matcher)."""
+    squares (518 in Matcher), images resized as every Matcher benchmark's (PIL, antialiased)."""
 
     name = "lvis92i"
     published_size = 518
-    image_resize = "cv2"  # Matcher's loader not checked: unchanged
 
 
 PROTOCOLS: dict[str, EvalProtocol] = {

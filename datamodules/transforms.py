@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
-from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN
+from fewshot_seg.episode import IGNORE_INDEX
+from fewshot_seg.user_images import Letterbox
 
 # SPEC §4: shortest-edge scales for a 480 crop; other crop sizes scale them proportionally.
 REFERENCE_SIZE = 480
@@ -32,12 +32,6 @@ def default_train_scales(image_size: int) -> list[int]:
 def default_support_min_pixels(image_size: int) -> int:
     """1,843 px at 480 x 480, scaled by the crop area: ``round(1843 * (image_size / 480) ** 2)``."""
     return max(1, round(REFERENCE_SUPPORT_MIN_PIXELS * (image_size / REFERENCE_SIZE) ** 2))
-
-
-def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` uint8 (channels first; normalised later, on the model's
-    device, by ``fewshot_seg.episode.normalize_images``)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def shortest_edge_size(h: int, w: int, size: int) -> tuple[int, int]:
@@ -140,40 +134,30 @@ class TestTransform:
 
     ``resize="cv2"``: the image is resized with OpenCV's bilinear interpolation (no antialiasing);
     ``"pil"``: with PIL's bilinear filter, as torchvision's ``Resize`` does on PIL images (antialiased
-    when shrinking: the published HSNet / PATNet loaders). Labels are always resized nearest-neighbour.
+    when shrinking: the published HSNet / PATNet / Matcher loaders). Labels are always resized
+    nearest-neighbour.
     """
 
     def __init__(self, image_size: int, square: bool = False, resize: str = "cv2") -> None:
         self.image_size = image_size
         self.square = square
         self.resize_mode = resize
-        if not square:
-            self.resize = A.Compose([A.LongestMaxSize(max_size=image_size)])
-            self.pad = A.Compose(
-                [
-                    A.PadIfNeeded(
-                        image_size,
-                        image_size,
-                        position="top_left",
-                        border_mode=cv2.BORDER_CONSTANT,
-                        fill=tuple(float(m) for m in PIXEL_MEAN),
-                        fill_mask=IGNORE_INDEX,
-                    )
-                ]
-            )
-        else:
-            self.resize = A.Compose([A.Resize(image_size, image_size)])
-            self.pad = None
+        self.letterbox = None if square else Letterbox(image_size)
+        self.resize = A.Compose([A.Resize(image_size, image_size)]) if square else None
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """-> (image ``[S, S, 3]`` uint8, label ``[S, S]`` uint8, valid (h, w) inside the square)."""
-        out = self.resize(image=image, mask=label)
-        valid = (int(out["mask"].shape[0]), int(out["mask"].shape[1]))
+        if self.letterbox is not None:
+            resized, label = self.letterbox.resize(image, label)
+        else:
+            out = self.resize(image=image, mask=label)
+            resized, label = out["image"], out["mask"]
+        valid = (int(label.shape[0]), int(label.shape[1]))
         if self.resize_mode == "pil":
             size = (valid[1], valid[0])  # PIL: (width, height)
-            out["image"] = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        if self.pad is not None:
-            out = self.pad(image=out["image"], mask=out["mask"])
-        return out["image"], out["mask"], valid
+            resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        if self.letterbox is not None:
+            resized, label = self.letterbox.pad(resized, label)
+        return resized, label, valid

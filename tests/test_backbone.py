@@ -137,3 +137,24 @@ def test_imagenet_loads_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest
 def test_unknown_name_rejected() -> None:
     with pytest.raises(ValueError, match="resnet50"):
         build_backbone("vgg16", weights=None)
+
+
+def test_one_backbone_contract_read_by_mask_matching() -> None:
+    from fewshot_seg.config import MaskMatchingConfig
+    from fewshot_seg.models.backbone_base import Backbone, ShapeSpec
+    from fewshot_seg.models.build import build_mask_matching
+    from fewshot_seg.models.selection import PROPOSAL_STRIDE
+
+    backbone = build_backbone("resnet18", weights=None)
+    assert isinstance(backbone, Backbone)
+    assert backbone.output_shape() == {
+        "res2": ShapeSpec(64, 4),
+        "res3": ShapeSpec(128, 8),
+        "res4": ShapeSpec(256, 16),
+        "res5": ShapeSpec(512, 32),
+    }
+    padded = backbone.pad(torch.ones(1, 3, 33, 64))
+    assert padded.shape[-2:] == (64, 64) and padded[..., 33:, :].abs().sum() == 0
+    mm = build_mask_matching(MaskMatchingConfig(), backbone.out_channels, 10)
+    assert mm.size_divisibility == backbone.size_divisibility
+    assert mm.stride == PROPOSAL_STRIDE == backbone.out_strides["res2"]

@@ -25,8 +25,8 @@ from datamodules.fake import (
     make_fake_lvis,
     make_fake_voc,
 )
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.cli import main
-from fewshot_seg.lightning.checkpoints import CheckpointError
 from fewshot_seg.tools.aggregate import SUMMARY_KIND, collect, find_summaries, summary_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2

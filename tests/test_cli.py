@@ -13,9 +13,9 @@ import torch
 from cli_helpers import STAGE2, cfg, run_dir_args, tiny_data
 from PIL import Image
 
+from fewshot_seg.checkpoints import STAGE_KEY
 from fewshot_seg.cli import main
 from fewshot_seg.config import MaskMatchingConfig, POSConfig
-from fewshot_seg.lightning.checkpoints import STAGE_KEY
 from fewshot_seg.lightning.mm_module import MMModule, Stage1CheckpointError
 
 

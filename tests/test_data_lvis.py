@@ -157,3 +157,101 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     ann.unlink()
     with pytest.raises(DatasetError, match=r"annotation file not found: .*lvis_v1_val.json"):
         _ = _dm(root, tmp_path).novel_classes
+
+
+def _matcher_image(path: Path, size: int) -> np.ndarray:
+    """What Matcher's loader feeds the model (``matcher/data/dataset.py``): torchvision ``Resize`` of the
+    PIL image read from the file, as ``[3, S, S]`` uint8 (before ``ToTensor``'s division by 255)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    with Image.open(path) as im:
+        resized = transforms.Resize(size=(size, size))(im.convert("RGB"))
+    return np.asarray(resized).transpose(2, 0, 1)
+
+
+def _matcher_mask(union: np.ndarray, size: int) -> np.ndarray:
+    """Matcher's mask resize: ``F.interpolate(..., mode='nearest')`` of the instance union."""
+    resized = torch.nn.functional.interpolate(torch.from_numpy(union)[None, None].float(), (size, size))
+    return resized[0, 0].numpy().astype(np.uint8)
+
+
+def test_test_images_are_resized_as_matcher_does(lvis_root: Path, tmp_path: Path) -> None:
+    dm = _dm(lvis_root, tmp_path, test_episodes=6)  # 64 x 80 images shrunk to 48: antialiasing matters
+    assert dm.image_resize == "pil" and dm.provenance()["image_resize"] == "pil"
+    src, ds = dm.source("test"), dm.eval_dataset("test")
+    anns = _val(lvis_root)["annotations"]
+    for i, (q, c, sup) in enumerate(ds.episodes):
+        s = ds[i]
+        assert np.array_equal(s["query_image"].numpy(), _matcher_image(lvis_root / src.images[q][0], 48))
+        assert np.array_equal(
+            s["support_images"][0].numpy(), _matcher_image(lvis_root / src.images[sup[0]][0], 48)
+        )
+        union = np.zeros((64, 80), np.uint8)  # Matcher: the sum of the class's instance masks > 0
+        for a in anns:
+            if str(a["image_id"]) == q and a["category_id"] == c:
+                union |= annotation_mask(a["segmentation"], 64, 80) > 0
+        # 64 and 80 -> 48 map to the same source rows in OpenCV's and torch's nearest (docs/benchmarks.md)
+        assert np.array_equal(s["query_mask"].numpy(), _matcher_mask(union, 48))
+    plain = _dm(lvis_root, tmp_path, test_episodes=6, image_resize="cv2").eval_dataset("test")
+    q, _, _ = ds.episodes[0]
+    other = plain[0]["query_image"].numpy().astype(int)
+    expected = _matcher_image(lvis_root / src.images[q][0], 48).astype(int)
+    assert np.abs(other - expected).mean() > 1.0  # the OpenCV resize is still available, and is another input
+
+
+def _val_images_per_category(root: Path) -> dict[int, int]:
+    images: dict[int, set] = {}
+    for a in _val(root)["annotations"]:
+        images.setdefault(a["category_id"], set()).add(a["image_id"])
+    return {c: len(ids) for c, ids in sorted(images.items())}
+
+
+def test_matcher_folds_depend_on_the_shot(tmp_path: Path) -> None:
+    # Category 3 is in exactly 3 val images, the other eligible ones in 6: Matcher's 5-shot rule
+    # (len(val_anno[c]) > shot) drops 3 and every later class moves back one place in the interleaving.
+    root = make_fake_lvis(tmp_path / "lvis", val_images={c: 3 if c == 3 else 6 for c in range(1, 23)})
+    per_category = _val_images_per_category(root)
+    assert per_category[3] == 3 and per_category[23] == 1
+
+    def matcher_fold(shot: int, fold: int) -> list[int]:
+        eligible = [c for c, n in per_category.items() if n > shot]
+        return [eligible[fold + 10 * v] for v in range(len(eligible) // 10)]
+
+    def dm(shot: int, fold: int, **kw) -> LVIS92iDataModule:
+        return _dm(root, tmp_path, shot=shot, fold=fold, fold_classes_from_shot=True, **kw)
+
+    assert [dm(1, f).novel_classes for f in range(10)] == [[f + 1, f + 11] for f in range(10)]
+    five = [dm(5, f).novel_classes for f in range(10)]
+    assert five == [matcher_fold(5, f) for f in range(10)]
+    assert five[:3] == [[1, 12], [2, 13], [4, 14]] and 3 not in {c for f in five for c in f}
+    assert dm(1, 2).novel_classes == [3, 13] and matcher_fold(1, 2) == [3, 13]
+    # The default keeps the 1-shot folds at every shot.
+    assert _dm(root, tmp_path, shot=5, fold=2).novel_classes == [3, 13]
+    # 2,300 episodes round robin over the 5-shot fold, in a list file of its own.
+    d = dm(5, 2)
+    episodes = d.episode_list("test")
+    assert len(episodes) == 2300 and [c for _, c, _ in episodes[:4]] == [4, 14, 4, 14]
+    assert Counter(c for _, c, _ in episodes) == {4: 1150, 14: 1150}
+    assert all(q not in sup and len(sup) == 5 for q, _, sup in episodes)
+    assert (
+        d.episode_list_file("test").name
+        == "lvis92i_min6images_fold2_test_round_robin_n2300_seed0_maxshot5.json"
+    )
+    assert dm(1, 2).episode_list_file("test") == _dm(root, tmp_path, fold=2).episode_list_file("test")
+    assert d.provenance()["fold_classes_from_shot"] is True
+    assert "fold_classes_from_shot" not in _dm(root, tmp_path, shot=5, fold=2).provenance()
+    assert 3 in d.base_classes and 4 not in d.base_classes
+
+
+def test_a_one_shot_fold_model_is_refused_on_matcher_five_shot_folds(tmp_path: Path) -> None:
+    from fewshot_seg.checkpoints import CheckpointError
+    from fewshot_seg.lightning.provenance import check_class_split, merge_trained_on
+
+    root = make_fake_lvis(tmp_path / "lvis", val_images={c: 3 if c == 3 else 6 for c in range(1, 23)})
+    trained = merge_trained_on(
+        None, _dm(root, tmp_path, fold=2).provenance()
+    )  # trained without 4, 14 ... 3, 13
+    five = _dm(root, tmp_path, shot=5, fold=2, fold_classes_from_shot=True).provenance()
+    with pytest.raises(CheckpointError, match=r"fold 2"):
+        check_class_split(trained, five, "test", allow=False)

@@ -14,8 +14,7 @@ from datamodules.coco import COCOSource
 from datamodules.fake import make_fake_coco, make_fake_voc
 from datamodules.packed import PackedList
 from datamodules.pascal import VOCSource
-from datamodules.transforms import image_tensor
-from fewshot_seg.episode import PIXEL_MEAN, PIXEL_STD, normalize_images
+from fewshot_seg.episode import PIXEL_MEAN, PIXEL_STD, image_tensor, normalize_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2
 

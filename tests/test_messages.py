@@ -14,7 +14,7 @@ from datamodules import DatasetError
 from datamodules.coco import COCOSource
 from datamodules.fake import make_fake_coco
 from fewshot_seg import cli
-from fewshot_seg.lightning.checkpoints import CheckpointError, read_checkpoint
+from fewshot_seg.checkpoints import CheckpointError, read_checkpoint
 
 
 def _console(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, list[str]]:

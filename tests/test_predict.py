@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules import DatasetError
 from fewshot_seg.cli import main, user_error
 from fewshot_seg.lightning.base import EpisodeModule
-from fewshot_seg.lightning.prediction import OutputError
+from fewshot_seg.outputs import OutputError
 
 
 def _image(path: Path, h: int = 48, w: int = 64, seed: int = 0) -> None:
@@ -67,12 +67,14 @@ def test_predict_names_skips_and_reports(
     assert exit_info.value.code == 1  # after writing everything else
     png = tmp_path / "png"
     written = sorted(p.relative_to(png).as_posix() for p in png.rglob("*_mask.png"))
+    # One naming with segment and serve (fewshot_seg.outputs): an extension only where two names collide.
     assert written == [
         "a.jpg_c1_mask.png",
         "a.png_c1_mask.png",
-        "c.webp_c1_mask.png",
-        "sub/d.jpg_c1_mask.png",
+        "c_c1_mask.png",
+        "sub/d_c1_mask.png",
     ]
+    assert not list(png.rglob(".*.tmp"))  # written atomically: no temporary file left
     assert Image.open(png / "a.jpg_c1_mask.png").size == (64, 48)
     out = capsys.readouterr().out
     assert f"predictions written to {png}" in out
@@ -109,13 +111,13 @@ def test_outputs_never_inside_the_queries_nor_over_an_earlier_run(
         _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt, out_dir=inside)
     assert isinstance(user_error(info.value), OutputError) and not inside.exists()
     _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt)
-    first = (tmp_path / "png" / "q0.jpg_c1_mask.png").stat().st_mtime_ns
+    first = (tmp_path / "png" / "q0_c1_mask.png").stat().st_mtime_ns
     with pytest.raises(Exception, match=r"already holds 4 output file\(s\) of an earlier run") as info:
         _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt)  # a re-run refuses before predicting
     assert isinstance(user_error(info.value), OutputError)
-    assert (tmp_path / "png" / "q0.jpg_c1_mask.png").stat().st_mtime_ns == first
+    assert (tmp_path / "png" / "q0_c1_mask.png").stat().st_mtime_ns == first
     _predict(folder, tmp_path, stage1_ckpt, stage2_ckpt, "--model.init_args.overwrite_predictions=true")
-    assert (tmp_path / "png" / "q0.jpg_c1_mask.png").stat().st_mtime_ns > first
+    assert (tmp_path / "png" / "q0_c1_mask.png").stat().st_mtime_ns > first
 
 
 def test_unwritable_output_folder_refused_first(

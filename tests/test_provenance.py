@@ -11,8 +11,8 @@ import pytest
 import torch
 from cli_helpers import STAGE2, cfg, run_dir_args, tiny_data
 
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.cli import main, user_error
-from fewshot_seg.lightning.checkpoints import CheckpointError
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from cli_helpers import STAGE1, tiny_data
 
+from fewshot_seg.checkpoints import CheckpointError
 from fewshot_seg.cli import main
-from fewshot_seg.lightning.checkpoints import CheckpointError
 
 N = 3
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from datamodules import DatasetError, FolderEpisodeDataModule
-from datamodules.user_images import mask_from_values, read_user_image, read_user_mask
+from fewshot_seg.user_images import mask_from_values, read_user_image, read_user_mask
 
 EXIF_ORIENTATION = 0x0112
 
@@ -103,3 +103,37 @@ def test_empty_support_mask_refused(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "queries" / "q.png")
     with pytest.raises(DatasetError, match=r"support mask .*s_mask.png marks no object pixel"):
         FolderEpisodeDataModule(root=str(tmp_path)).predict_dataloader()
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (53, 37), (480, 640), (1000, 333), (64, 64), (7, 300), (300, 1)])
+def test_letterbox_equals_albumentations(hw: tuple[int, int]) -> None:
+    # The data layer letterboxed with albumentations before; the OpenCV Letterbox must give the same values.
+    import albumentations as A
+    import cv2
+
+    from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN
+    from fewshot_seg.user_images import Letterbox
+
+    size = 96
+    rng = np.random.default_rng(sum(hw))
+    image = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    label = rng.choice(np.array([0, 1, 255], np.uint8), hw)
+    resize = A.Compose([A.LongestMaxSize(max_size=size)])
+    pad = A.Compose(
+        [
+            A.PadIfNeeded(
+                size,
+                size,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=tuple(float(m) for m in PIXEL_MEAN),
+                fill_mask=IGNORE_INDEX,
+            )
+        ]
+    )
+    resized = resize(image=image, mask=label)
+    expected = pad(image=resized["image"], mask=resized["mask"])
+    got_image, got_label, valid = Letterbox(size)(image, label)
+    assert valid == resized["mask"].shape
+    np.testing.assert_array_equal(got_image, expected["image"])
+    np.testing.assert_array_equal(got_label, expected["mask"])

@@ -3,18 +3,10 @@
 from pathlib import Path
 
 from fewshot_seg.episode import EpisodeBatch
+from fewshot_seg.segmenter import Segmenter, Supports
 
-__all__ = ["EpisodeBatch", "Segmenter", "config_dir"]
+__all__ = ["EpisodeBatch", "Segmenter", "Supports", "config_dir"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str) -> object:
-    # Segmenter imports the data layer, which imports this package: resolved on first use.
-    if name in ("Segmenter", "Supports"):
-        from fewshot_seg import segmenter
-
-        return getattr(segmenter, name)
-    raise AttributeError(f"module 'fewshot_seg' has no attribute {name!r}")
 
 
 def config_dir() -> Path:

@@ -23,18 +23,19 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 import datamodules
 import fewshot_seg.lightning  # noqa: F401
 from fewshot_seg import config_dir
-from fewshot_seg.lightning.callbacks import BestCheckpoint
-from fewshot_seg.lightning.checkpoints import (
+from fewshot_seg.checkpoints import (
     STAGE_CLASS,
     CheckpointError,
     checkpoint_stage,
     read_checkpoint,
     usable_checkpoints,
 )
+from fewshot_seg.lightning.callbacks import BestCheckpoint
 from fewshot_seg.lightning.finite import NonFiniteError
-from fewshot_seg.lightning.prediction import OutputError, PredictionWriter
+from fewshot_seg.lightning.prediction import PredictionWriter
 from fewshot_seg.lightning.results import run_dir
 from fewshot_seg.lightning.runlock import ReleaseOnException, RunFolderError, claim_run_folder
+from fewshot_seg.outputs import OutputError
 from fewshot_seg.parse_errors import ConfigError, build_error, check_config_files, explain
 
 DESCRIPTION = f"""\

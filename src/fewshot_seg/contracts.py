@@ -1,6 +1,6 @@
-"""The two run-time contracts between an episode DataModule and a stage module (docs/DESIGN.md).
+"""The three run-time contracts between an episode DataModule and a stage module (docs/DESIGN.md).
 
-Both are read through the Trainer at run time, not linked in the configuration, because what they carry
+All are read through the Trainer at run time, not linked in the configuration, because what they carry
 is only known there: the per-process batch is the model's global batch divided by the processes and
 accumulated batches of *this* run, and the class ids to score are the DataModule's fold (or a folder's
 one class) after its configuration is final.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
@@ -155,3 +156,9 @@ def collate_episodes(samples: Sequence[dict]) -> EpisodeBatch:
         query_id=[str(s["query_id"]) for s in samples],
         support_ids=[[str(i) for i in s["support_ids"]] for s in samples],
     )
+
+
+def image_tensor(image: np.ndarray) -> Tensor:
+    """``[H, W, 3]`` uint8 RGB -> ``[3, H, W]`` uint8 (channels first; normalised later, on the model's
+    device, by :func:`normalize_images`)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

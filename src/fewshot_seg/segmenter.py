@@ -3,20 +3,21 @@
 >>> from fewshot_seg import Segmenter                                              # doctest: +SKIP
 >>> seg = Segmenter.from_checkpoint("stage2.ckpt", device="cpu")                   # doctest: +SKIP
 >>> supports = seg.encode_supports(["a.jpg"], ["a_mask.png"])                      # doctest: +SKIP
->>> masks = seg.segment(["q1.jpg", "q2.jpg"], supports, batch_size=8)              # doctest: +SKIP
+>>> masks = seg.segment(["q1.jpg", "q2.jpg"], supports)                           # doctest: +SKIP
 
 The supports are encoded once (the backbone and everything of Mask Matching that depends on them alone)
 and reused for every query batch. The forward pass is the one ``MMModule`` trains, tests and predicts
-with (``models.inference``), and images are prepared by the same functions as ``FolderEpisodeDataModule``
-(``datamodules.user_images``, ``TestTransform``), so a mask equals what ``fewshot-seg predict`` writes
-for the same episode.
+with (``models.mm_forward``), the networks come from the checkpoint through ``fewshot_seg.networks``, and
+images are read and letterboxed by ``fewshot_seg.user_images``, the functions ``FolderEpisodeDataModule``
+uses, so a mask equals what ``fewshot-seg predict`` writes for the same episode. Importing it imports
+neither Lightning nor the data layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,10 +26,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from datamodules.errors import DatasetError
-from datamodules.transforms import TestTransform, image_tensor
-from datamodules.user_images import (
+from fewshot_seg.episode import IGNORE_INDEX, image_tensor, normalize_images
+from fewshot_seg.errors import DatasetError
+from fewshot_seg.evaluation import THRESHOLD, resize_to_labels
+from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
+from fewshot_seg.models.mm_forward import encode_supports, segment_queries
+from fewshot_seg.networks import PAPER_IMAGE_SIZE, load_networks
+from fewshot_seg.user_images import (
     ImageInput,
+    Letterbox,
     MaskInput,
     check_same_size,
     describe,
@@ -36,32 +42,9 @@ from datamodules.user_images import (
     read_user_mask,
     require_object,
 )
-from fewshot_seg.config import BackboneConfig, MaskMatchingConfig, POSConfig, coerce
-from fewshot_seg.episode import IGNORE_INDEX, normalize_images
-from fewshot_seg.evaluation import THRESHOLD, resize_to_labels
-from fewshot_seg.lightning.checkpoints import (
-    STAGE_CLASS,
-    CheckpointError,
-    checkpoint_stage,
-    is_lightning_checkpoint,
-    read_checkpoint,
-)
-from fewshot_seg.lightning.provenance import PROVENANCE_KEY
-from fewshot_seg.models.backbone import build_backbone
-from fewshot_seg.models.build import build_mask_matching, build_pos
-from fewshot_seg.models.convert import (
-    CheckpointMismatchError,
-    has_mask_matching,
-    load_reference_checkpoint,
-    reference_backbone_name,
-    unwrap_state_dict,
-)
-from fewshot_seg.models.inference import encode_supports, segment_queries
-from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 
 Device = Literal["auto", "cpu", "cuda"] | str
 Precision = Literal["32", "bf16"]
-PAPER_IMAGE_SIZE = 480
 
 
 @dataclass
@@ -104,7 +87,7 @@ class Segmenter:
         self.backbone, self.pos, self.mask_matching = (
             m.eval().requires_grad_(False).to(self.device) for m in (backbone, pos, mask_matching)
         )
-        self._transform = TestTransform(self.image_size, square=False)
+        self._transform = Letterbox(self.image_size)
 
     @property
     def default_batch_size(self) -> int:
@@ -134,13 +117,7 @@ class Segmenter:
             CheckpointError: naming the file: missing, unreadable, a stage-1 checkpoint, or weights that do
                 not fit.
         """
-        name = os.fspath(path)
-        ckpt = read_checkpoint(name, "checkpoint")
-        if is_lightning_checkpoint(ckpt):
-            backbone, pos, mm, trained_size = _from_lightning(ckpt, name)
-        else:
-            backbone, pos, mm = _from_reference(ckpt, name)
-            trained_size = PAPER_IMAGE_SIZE
+        backbone, pos, mm, trained_size = load_networks(path)
         return cls(backbone, pos, mm, image_size or trained_size, device, precision)
 
     # ------------------------------------------------------------------ supports
@@ -150,7 +127,7 @@ class Segmenter:
         Args:
             images: K images (paths, PIL images or ``[H, W, 3]`` uint8 RGB arrays).
             masks: K masks (paths, PIL images or ``[H, W]`` arrays), each the size of its image, by the
-                mask convention of ``datamodules.user_images`` ({0, 255} / {0, 1} binary; else 0
+                mask convention of ``fewshot_seg.user_images`` ({0, 255} / {0, 1} binary; else 0
                 background, 255 ignore, other values the object).
 
         Raises:
@@ -269,75 +246,4 @@ def _as_list(items: Any, what: str) -> list:
         raise DatasetError(f"{what}: expected a list of images, got {type(items).__name__}") from None
 
 
-def recorded_image_size(ckpt: Mapping[str, Any]) -> int | None:
-    """The model input size a Lightning checkpoint was trained at (its data record or run config)."""
-    data = (ckpt.get(PROVENANCE_KEY) or {}).get("data") or {}
-    if data.get("image_size"):
-        return int(data["image_size"])
-    config = (ckpt.get(PROVENANCE_KEY) or {}).get("config") or {}
-    size = ((config.get("data") or {}).get("init_args") or {}).get("image_size")
-    return int(size) if size else None
-
-
-def _from_lightning(ckpt: Mapping[str, Any], path: str) -> tuple[nn.Module, nn.Module, MaskMatching, int]:
-    stage = checkpoint_stage(ckpt)
-    if stage != "mm":
-        raise CheckpointError(
-            f"checkpoint {path!r} is a stage-1 ({STAGE_CLASS.get(stage, stage)}) checkpoint: segmenting "
-            "needs a stage-2 (MMModule) checkpoint, e.g. .../<run>-stage2-1shot/checkpoints/last.ckpt"
-        )
-    hp = ckpt.get("hyper_parameters") or {}
-    backbone_cfg = coerce(BackboneConfig, hp.get("backbone")) or BackboneConfig()
-    pos_cfg = coerce(POSConfig, hp.get("pos")) or POSConfig()
-    mm_cfg = coerce(MaskMatchingConfig, hp.get("mm")) or MaskMatchingConfig()
-    backbone, pos, mm = _build(backbone_cfg, pos_cfg, mm_cfg)
-    state = ckpt["state_dict"]
-    for prefix, module in (("backbone.", backbone), ("pos.", pos), ("mm.", mm)):
-        part = {
-            k.removeprefix(prefix): v
-            for k, v in state.items()
-            if k.startswith(prefix) and not k.endswith("num_batches_tracked")
-        }
-        result = module.load_state_dict(part, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(
-                f"checkpoint {path!r} does not fit the networks its hyper-parameters describe: "
-                f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-            )
-    return backbone, pos, mm, recorded_image_size(ckpt) or PAPER_IMAGE_SIZE
-
-
-def _from_reference(ckpt: Mapping[str, Any], path: str) -> tuple[nn.Module, nn.Module, MaskMatching]:
-    try:
-        state = unwrap_state_dict(ckpt, path)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path!r}: {err}") from err
-    if not has_mask_matching(state):
-        raise CheckpointError(
-            f"checkpoint {path!r} holds no Mask Matching weights (a stage-1 model or not an MM-Former file): "
-            "segmenting needs a stage-2 checkpoint"
-        )
-    try:
-        backbone_cfg = BackboneConfig(name=reference_backbone_name(state))
-        backbone, pos, mm = _build(backbone_cfg, POSConfig(), MaskMatchingConfig())
-        load_reference_checkpoint(state, backbone=backbone, pos=pos, mask_matching=mm)
-    except CheckpointMismatchError as err:
-        raise CheckpointError(f"reference checkpoint {path!r} does not fit MM-Former: {err}") from err
-    return backbone, pos, mm
-
-
-def _build(
-    backbone_cfg: BackboneConfig, pos: POSConfig, mm: MaskMatchingConfig
-) -> tuple[nn.Module, nn.Module, MaskMatching]:
-    """The stage-2 networks, without weights (they come from the checkpoint)."""
-    backbone = build_backbone(
-        backbone_cfg.name, weights=None, frozen_bn=True, pyramid_channels=backbone_cfg.pyramid_channels
-    )
-    return (
-        backbone,
-        build_pos(pos, backbone.out_channels),
-        build_mask_matching(mm, backbone.out_channels, pos.num_queries),
-    )
-
-
-__all__ = ["Segmenter", "Supports", "recorded_image_size"]
+__all__ = ["Segmenter", "Supports"]

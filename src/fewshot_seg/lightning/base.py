@@ -10,12 +10,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from fewshot_seg.checkpoints import STAGE_KEY, CheckpointError
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, as_dict
 from fewshot_seg.contracts import data_class_ids
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.evaluation import to_label_size
 from fewshot_seg.lightning.callbacks import FreezeModules
-from fewshot_seg.lightning.checkpoints import STAGE_KEY, CheckpointError
 from fewshot_seg.lightning.finite import check_outputs
 from fewshot_seg.lightning.optim import build_optimizer, resolve_max_steps
 from fewshot_seg.lightning.prediction import PredictionWriter

@@ -9,6 +9,14 @@ from typing import Any
 
 from torch import Tensor
 
+from fewshot_seg.checkpoints import (
+    CheckpointError,
+    Stage1CheckpointError,
+    check_stage1,
+    is_lightning_checkpoint,
+    read_checkpoint,
+    recorded_hparams,
+)
 from fewshot_seg.config import (
     BackboneConfig,
     MaskMatchingConfig,
@@ -20,19 +28,11 @@ from fewshot_seg.config import (
 )
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
-from fewshot_seg.lightning.checkpoints import (
-    CheckpointError,
-    Stage1CheckpointError,
-    check_stage1,
-    is_lightning_checkpoint,
-    read_checkpoint,
-    recorded_hparams,
-)
 from fewshot_seg.lightning.finite import check_losses, check_outputs
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
 from fewshot_seg.models.build import build_mask_matching, build_mm_criterion
 from fewshot_seg.models.convert import CheckpointMismatchError, has_mask_matching, load_reference_checkpoint
-from fewshot_seg.models.inference import encode_supports, segment_queries
+from fewshot_seg.models.mm_forward import encode_supports, segment_queries
 from fewshot_seg.models.selection import oracle_select, selected_foreground, top_cosine_select
 
 
@@ -280,7 +280,7 @@ class MMModule(EpisodeModule):
     def forward(self, batch: EpisodeBatch) -> dict[str, Any]:
         """Mask Matching outputs (``foreground [B, H, W]`` at input size, ``similarity``, ...).
 
-        The inference path of :class:`fewshot_seg.Segmenter` too (``models.inference``): the backbone and
+        The inference path of :class:`fewshot_seg.Segmenter` too (``models.mm_forward``): the backbone and
         POS run frozen, under ``no_grad``.
         """
         supports = encode_supports(self.backbone, self.mm, batch.support_images, batch.support_masks)

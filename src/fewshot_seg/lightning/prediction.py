@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,46 +13,8 @@ from torch import Tensor
 
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.results import run_dir
+from fewshot_seg.outputs import MASK_SUFFIX, OVERLAY_SUFFIX, OutputNames, check_output_folder, save_png_atomic
 from fewshot_seg.visualize import MAGENTA, denormalize, mask_image, overlay, to_pil
-
-OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
-
-
-class OutputError(ValueError):
-    """An output folder that cannot or must not be written (named in the message)."""
-
-
-def check_output_folder(folder: Path, inputs: Path | None = None, overwrite: bool = True) -> None:
-    """Refuse, before any work, an output folder that would lose or mix up files.
-
-    Args:
-        folder: where outputs go (created here if missing).
-        inputs: a folder that is read as input: outputs inside it would be read back on the next run.
-        overwrite: allow replacing outputs (``*_mask.png`` / ``*_overlay.png``) already in ``folder``.
-
-    Raises:
-        OutputError: the folder is inside ``inputs``, holds earlier outputs (unless ``overwrite``), or
-            cannot be created or written.
-    """
-    if inputs is not None and folder.resolve().is_relative_to(inputs.resolve()):
-        raise OutputError(
-            f"output folder {folder} is inside the input folder {inputs}: a later run would read its "
-            "outputs as inputs; choose a folder outside it"
-        )
-    if not overwrite and folder.is_dir():
-        earlier = [p for p in folder.rglob("*") if p.name.endswith(OUTPUT_SUFFIXES)]
-        if earlier:
-            raise OutputError(
-                f"output folder {folder} already holds {len(earlier)} output file(s) of an earlier run "
-                f"(e.g. {earlier[0]}): choose another folder, or allow replacing them "
-                "(predict: --model.init_args.overwrite_predictions=true)"
-            )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write to output folder {folder}: {err.strerror or err}") from err
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -73,7 +34,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.folder: Path | None = None
-        self._taken: set[str] = set()
+        self._names = OutputNames()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -81,7 +42,11 @@ class PredictionWriter(BasePredictionWriter):
         self.folder = Path(self.output_dir) if self.output_dir else run_dir(trainer) / "predictions"
         inputs = getattr(trainer.datamodule, "query_dir", None) if trainer.datamodule is not None else None
         check_output_folder(self.folder, inputs, self.overwrite)
-        self._taken = set()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loader exists now: a folder DataModule names its queries, so that "a.jpg" and "a.png" keep
+        # their extensions (fewshot_seg.outputs); a DataModule without query ids gives query_<batch>_<i>.
+        self._names = OutputNames(getattr(trainer.datamodule, "query_ids", None) or ())
 
     def write_on_batch_end(
         self,
@@ -94,7 +59,7 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         assert self.folder is not None, "setup('predict') sets the folder"
-        write_predictions(batch, prediction, self.folder, batch_idx, self._taken)
+        write_predictions(batch, prediction, self.folder, batch_idx, self._names)
 
 
 def query_image_at(batch: EpisodeBatch, i: int, size: tuple[int, int]) -> Tensor:
@@ -106,14 +71,10 @@ def query_image_at(batch: EpisodeBatch, i: int, size: tuple[int, int]) -> Tensor
     return denormalize(img)
 
 
-def output_stem(batch: EpisodeBatch, i: int, batch_idx: int) -> str:
-    """Relative stem of query ``i``'s outputs: ``<query id>_c<class>``.
-
-    A folder query's id is its path under ``queries/`` with the extension (``sub/a.jpg``), so ``a.jpg``
-    and ``a.png`` never share outputs; sub-folders are kept.
-    """
-    query = str(batch.query_id[i]) if batch.query_id else f"query_{batch_idx}_{i}"
-    return f"{query}_c{int(batch.class_id[i])}"
+def query_name(batch: EpisodeBatch, i: int, batch_idx: int) -> str:
+    """Query ``i``'s name: its id (a folder query: its path under ``queries/`` with the extension,
+    ``sub/a.jpg``), else ``query_<batch>_<i>``."""
+    return str(batch.query_id[i]) if batch.query_id else f"query_{batch_idx}_{i}"
 
 
 def write_predictions(
@@ -121,32 +82,29 @@ def write_predictions(
     preds: Sequence[Tensor],
     out_dir: Path,
     batch_idx: int = 0,
-    taken: set[str] | None = None,
+    names: OutputNames | None = None,
 ) -> list[Path]:
-    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` (prediction tinted magenta) per query.
+    """Write ``<stem>_mask.png`` (0/255) and ``<stem>_overlay.png`` (prediction tinted magenta) per query,
+    each atomically; the stem is the query's name and class, ``sub/a_c1`` (``fewshot_seg.outputs``).
 
     Args:
         batch: the episodes whose queries were predicted.
         preds: B bool masks, each at the size it is written at (the query's original size).
         out_dir: created if needed.
         batch_idx: index of the batch, for queries without ids.
-        taken: stems this run already wrote; a repeated (query, class) episode gets ``-2``, ``-3``, ...
+        names: this run's names (a repeated (query, class) episode gets ``-2``, ``-3``, ...); None = a
+            new one for this batch alone.
 
     Returns:
         The written paths, two per query.
     """
+    names = names if names is not None else OutputNames()
     written = []
     for i, pred in enumerate(preds):
-        stem = output_stem(batch, i, batch_idx)
-        if taken is not None:
-            base, n = stem, 2
-            while stem in taken:
-                stem, n = f"{base}-{n}", n + 1
-            taken.add(stem)
-        mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        mask_image(pred).save(mask_path)
+        stem = names.stem(query_name(batch, i, batch_idx), f"_c{int(batch.class_id[i])}")
+        mask_path, overlay_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{OVERLAY_SUFFIX}"
+        save_png_atomic(mask_image(pred), mask_path)
         image = query_image_at(batch, i, tuple(pred.shape))
-        to_pil(overlay(image, pred, MAGENTA)).save(overlay_path)
+        save_png_atomic(to_pil(overlay(image, pred, MAGENTA)), overlay_path)
         written += [mask_path, overlay_path]
     return written

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fewshot_seg.lightning.checkpoints import CheckpointError
-
-PROVENANCE_KEY = "fewshot_seg_provenance"
+# PROVENANCE_KEY is defined beside the other checkpoint keys; re-exported for the stage modules.
+from fewshot_seg.checkpoints import PROVENANCE_KEY as PROVENANCE_KEY
+from fewshot_seg.checkpoints import CheckpointError
 
 
 def data_record(datamodule: Any) -> dict[str, Any] | None:

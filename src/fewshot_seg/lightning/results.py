@@ -172,11 +172,6 @@ def write_results(summary: dict, folder: str | Path) -> tuple[Path, Path]:
     return json_path, csv_path
 
 
-def load_results(path: str | Path) -> dict:
-    """Read a ``results.json``."""
-    return json.loads(Path(path).read_text())
-
-
 def report_results(summary: dict, trainer: Any) -> Path | None:
     """Print the per-class table and write ``results.json`` / ``.csv`` into the run folder (global rank 0).
 

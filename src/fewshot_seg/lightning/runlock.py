@@ -32,7 +32,7 @@ try:
 except ImportError:  # not POSIX (Windows): fits run unlocked
     fcntl = None
 
-from fewshot_seg.lightning.checkpoints import checkpoint_files
+from fewshot_seg.checkpoints import checkpoint_files
 
 LOCK_NAME = ".fit.lock"
 CLAIMED_ENV = "FEWSHOT_SEG_RUN_FOLDER_CLAIMED_BY"

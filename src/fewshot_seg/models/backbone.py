@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-SIZE_DIVISIBILITY = 32
+from fewshot_seg.models.backbone_base import TIMM_PREFIX, Backbone
 
 
 class BackboneError(ValueError):
@@ -36,7 +35,7 @@ _ARCHS = {
 }
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(Backbone):
     """ResNet trunk with torchvision parameter names (``conv1``, ``bn1``, ``layer1..4``).
 
     Forward: normalised images ``[B, 3, H, W]`` are zero-padded bottom/right to a multiple of 32; returns
@@ -56,21 +55,15 @@ class ResNetBackbone(nn.Module):
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4
         expansion = _ARCHS[name][2]
-        self.out_channels: dict[str, int] = {
+        self.out_channels = {
             "res2": 64 * expansion,
             "res3": 128 * expansion,
             "res4": 256 * expansion,
             "res5": 512 * expansion,
         }
-        self.out_strides: dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        h, w = images.shape[-2:]
-        pad_h = (-h) % SIZE_DIVISIBILITY
-        pad_w = (-w) % SIZE_DIVISIBILITY
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h), value=0.0)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.pad(images)))))
         res2 = self.layer1(x)
         res3 = self.layer2(res2)
         res4 = self.layer3(res3)
@@ -132,7 +125,7 @@ def build_backbone(
             BatchNorm2d.
         pyramid_channels: channels of the simple feature pyramid of a plain timm ViT (ignored otherwise).
     """
-    if name.startswith("timm:"):
+    if name.startswith(TIMM_PREFIX):
         from fewshot_seg.models.timm_backbone import build_timm_backbone
 
         return build_timm_backbone(name, weights, frozen_bn=frozen_bn, pyramid_channels=pyramid_channels)

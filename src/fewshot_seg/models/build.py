@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from fewshot_seg.config import MaskMatchingConfig, MMLossConfig, POSConfig, POSLossConfig, as_dict
 from fewshot_seg.models.criterion import MaskMatchingCriterion, POSCriterion
-from fewshot_seg.models.mask_matching import MaskMatching
+from fewshot_seg.models.mask_matching import MATCHED_LEVELS, MaskMatching
 from fewshot_seg.models.pos import PotentialObjectsSegmenter
 
 
@@ -34,7 +34,7 @@ def build_mask_matching(
 ) -> MaskMatching:
     """The Mask Matching head of ``cfg`` on a backbone with ``in_channels``, scoring ``num_proposals``."""
     return MaskMatching(
-        in_channels=(in_channels["res5"], in_channels["res4"], in_channels["res3"]),
+        in_channels=tuple(in_channels[level] for level in MATCHED_LEVELS),
         hidden_dim=cfg.dim,
         nhead=cfg.heads,
         dim_feedforward=cfg.ffn,

@@ -9,18 +9,19 @@ POS even when the ViT is frozen.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from timm.layers import LayerNorm2d as _TimmLayerNorm2d
 from torch import Tensor, nn
 
-LEVELS = ("res2", "res3", "res4", "res5")
+from fewshot_seg.models.backbone_base import LEVELS, STRIDES
+
+PYRAMID_STRIDE = STRIDES["res4"]
+"""The stride a ViT's token grid stands for in the pyramid (its one input map)."""
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a ``[B, C, H, W]`` map (ViTDet / ConvNeXt's channel LN)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+def LayerNorm2d(channels: int) -> nn.Module:
+    """timm's LayerNorm over the channels of a ``[B, C, H, W]`` map (ViTDet / ConvNeXt's channel LN), with
+    ``nn.LayerNorm``'s eps 1e-5 (timm's default is 1e-6) so that trained pyramids keep their outputs."""
+    return _TimmLayerNorm2d(channels, eps=1e-5)
 
 
 def _rescale(in_channels: int, stride: int) -> tuple[nn.Module, int]:
@@ -57,7 +58,7 @@ class SimpleFeaturePyramid(nn.Module):
             raise ValueError(f"the pyramid halves the ViT width twice: {in_channels} is not divisible by 4")
         self.rescale = nn.ModuleDict()
         self.output = nn.ModuleDict()
-        self.out_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+        self.out_strides = dict(STRIDES)
         for name in LEVELS:
             rescale, c = _rescale(in_channels, self.out_strides[name])
             self.rescale[name] = rescale

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_seg.models.attention_layers import CrossAttentionLayer, FFNLayer
+from fewshot_seg.models.backbone_base import SIZE_DIVISIBILITY
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
-from fewshot_seg.models.selection import upsample_to_image
+from fewshot_seg.models.selection import PROPOSAL_STRIDE, upsample_to_image
 
-LEVELS = ("res5", "res4", "res3")
+MATCHED_LEVELS = ("res5", "res4", "res3")
+"""The backbone levels Mask Matching aligns, coarsest first (its conv_0/1/2, crossat_0/1/2)."""
 SUPPORT_PROTO_EPS = 1e-7
 
 
@@ -169,8 +171,9 @@ class MaskMatching(nn.Module):
         num_proposals: N, the number of POS proposals (input size of the matching MLP).
         matching_hidden: hidden width of the matching MLP.
         kv_min_size: short side of the Cross-Alignment keys/values.
-        stride: stride of the proposal logits w.r.t. the padded image.
-        size_divisibility: padding multiple of the backbone (support masks are padded to it).
+        stride: stride of the proposal logits w.r.t. the padded image (the backbone's res2).
+        size_divisibility: padding multiple of the backbone (support masks are padded to it); both
+            defaults are the backbone contract's (``models.backbone_base``).
     """
 
     def __init__(
@@ -183,13 +186,13 @@ class MaskMatching(nn.Module):
         num_proposals: int = 100,
         matching_hidden: int = 500,
         kv_min_size: int = 15,
-        stride: int = 4,
-        size_divisibility: int = 32,
+        stride: int = PROPOSAL_STRIDE,
+        size_divisibility: int = SIZE_DIVISIBILITY,
     ) -> None:
         super().__init__()
-        if len(in_channels) != len(LEVELS):
-            raise ValueError(f"in_channels must give {len(LEVELS)} values (res5, res4, res3)")
-        self.levels = LEVELS
+        if len(in_channels) != len(MATCHED_LEVELS):
+            raise ValueError(f"in_channels must give {len(MATCHED_LEVELS)} values (res5, res4, res3)")
+        self.levels = MATCHED_LEVELS
         self.num_proposals = num_proposals
         self.stride = stride
         self.size_divisibility = size_divisibility

@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fewshot_seg.models.backbone_base import STRIDES
+
 SOFT_IOU_EPS = 1e-7
+PROPOSAL_STRIDE = STRIDES["res2"]
+"""The POS proposals' stride: its mask features are the pixel decoder's res2 level."""
 
 
-def upsample_to_image(maps: Tensor, image_size: tuple[int, int], stride: int = 4) -> Tensor:
+def upsample_to_image(maps: Tensor, image_size: tuple[int, int], stride: int = PROPOSAL_STRIDE) -> Tensor:
     """Bring stride-``stride`` maps of the padded image back to the unpadded image.
 
     Bilinear upsampling by the stride (align_corners=False) to the padded size, then a crop to
@@ -60,7 +64,7 @@ def _upsample_matrix(size: int, stride: int, keep: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def proposal_soft_iou(proposals: Tensor, label: Tensor, stride: int = 4) -> Tensor:
+def proposal_soft_iou(proposals: Tensor, label: Tensor, stride: int = PROPOSAL_STRIDE) -> Tensor:
     """``soft_iou(upsample_to_image(proposals), label)`` without materialising the upsampled stack.
 
     Upsample-and-crop is a linear map ``U p = A_h p A_w^T``, so ``sum(t * U p) = sum(A_h^T t A_w * p)``
@@ -90,7 +94,7 @@ def proposal_soft_iou(proposals: Tensor, label: Tensor, stride: int = 4) -> Tens
 
 
 @torch.no_grad()
-def oracle_select(proposals: Tensor, label: Tensor, stride: int = 4) -> tuple[Tensor, Tensor]:
+def oracle_select(proposals: Tensor, label: Tensor, stride: int = PROPOSAL_STRIDE) -> tuple[Tensor, Tensor]:
     """Oracle: the proposal with the highest soft IoU against the ground truth (paper-time arg-max).
 
     Args:
@@ -110,7 +114,7 @@ def top_cosine_select(similarity: Tensor) -> Tensor:
 
 
 def selected_foreground(
-    proposals: Tensor, index: Tensor, image_size: tuple[int, int], stride: int = 4
+    proposals: Tensor, index: Tensor, image_size: tuple[int, int], stride: int = PROPOSAL_STRIDE
 ) -> Tensor:
     """Foreground probability map of one chosen proposal per image.
 

@@ -28,12 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_seg.models.backbone import BackboneError
-from fewshot_seg.models.feature_pyramid import LEVELS, SimpleFeaturePyramid
+from fewshot_seg.models.backbone_base import LEVELS, STRIDES, TIMM_PREFIX, Backbone
+from fewshot_seg.models.feature_pyramid import PYRAMID_STRIDE, SimpleFeaturePyramid
 
-SIZE_DIVISIBILITY = 32
-TIMM_PREFIX = "timm:"
-PYRAMID_STRIDE = 16  # the stride a ViT's token grid stands for in the pyramid
-STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # `backbone.weights` values meaning "timm's pretrained weights of the model (its default tag, or the tag
 # given in the name)"; "imagenet" is the project's default value, kept meaningful for timm names.
 PRETRAINED = ("pretrained", "imagenet", "timm")
@@ -46,13 +43,7 @@ class BackboneWeightsError(BackboneError):
     option = "weights"
 
 
-def _pad(images: Tensor) -> Tensor:
-    h, w = images.shape[-2:]
-    pad_h, pad_w = (-h) % SIZE_DIVISIBILITY, (-w) % SIZE_DIVISIBILITY
-    return F.pad(images, (0, pad_w, 0, pad_h), value=0.0) if pad_h or pad_w else images
-
-
-class TimmFeaturesBackbone(nn.Module):
+class TimmFeaturesBackbone(Backbone):
     """A hierarchical timm model (``features_only``) as res2..res5.
 
     Forward: normalised images ``[B, 3, H, W]``, zero-padded bottom/right to a multiple of 32 (Hp, Wp);
@@ -64,13 +55,13 @@ class TimmFeaturesBackbone(nn.Module):
         self.name = name
         self.trunk = trunk
         info = trunk.feature_info
-        self.out_channels: dict[str, int] = dict(zip(LEVELS, info.channels(), strict=True))
-        self.out_strides: dict[str, int] = dict(zip(LEVELS, info.reduction(), strict=True))
+        self.out_channels = dict(zip(LEVELS, info.channels(), strict=True))
+        self.out_strides = dict(zip(LEVELS, info.reduction(), strict=True))
         # Swin & co. return NHWC maps from their feature wrapper.
         self.channels_last = str(getattr(trunk, "output_fmt", "NCHW")).upper().endswith("NHWC")
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        images = _pad(images)
+        images = self.pad(images)
         hp, wp = images.shape[-2:]
         out = {}
         for name, f in zip(LEVELS, self.trunk(images), strict=True):
@@ -86,7 +77,7 @@ class TimmFeaturesBackbone(nn.Module):
         return out
 
 
-class TimmViTBackbone(nn.Module):
+class TimmViTBackbone(Backbone):
     """A plain timm ViT + the simple feature pyramid as res2..res5.
 
     Forward: normalised images ``[B, 3, H, W]`` are zero-padded bottom/right to a multiple of 32 (Hp, Wp),
@@ -107,12 +98,11 @@ class TimmViTBackbone(nn.Module):
         patch = trunk.patch_embed.patch_size
         self.patch_size: tuple[int, int] = (patch, patch) if isinstance(patch, int) else tuple(patch)
         self.pyramid = SimpleFeaturePyramid(trunk.feature_info[-1]["num_chs"], pyramid_channels)
-        self.out_channels: dict[str, int] = dict(self.pyramid.out_channels)
-        self.out_strides: dict[str, int] = dict(STRIDES)
+        self.out_channels = dict(self.pyramid.out_channels)
 
     def tokens_input(self, images: Tensor) -> Tensor:
         """The padded image at the size whose token grid is ``Hp/16 x Wp/16``."""
-        images = _pad(images)
+        images = self.pad(images)
         hp, wp = images.shape[-2:]
         size = (hp // PYRAMID_STRIDE * self.patch_size[0], wp // PYRAMID_STRIDE * self.patch_size[1])
         if size == (hp, wp):

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.errors import DatasetError
-from datamodules.user_images import image_extensions, is_mask_file, read_user_image
-from fewshot_seg.lightning.checkpoints import CheckpointError
-from fewshot_seg.lightning.prediction import OutputError, check_output_folder
+from fewshot_seg.errors import DatasetError
+from fewshot_seg.outputs import MASK_SUFFIX, OVERLAY_SUFFIX, OutputNames, check_output_folder, save_png_atomic
 from fewshot_seg.segmenter import Segmenter, Supports
+from fewshot_seg.tools.common import USER_ERRORS, ToolError, load_segmenter, model_tool_parser
+from fewshot_seg.user_images import read_user_image, scan_images
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MANIFEST = "manifest.csv"
@@ -50,36 +50,7 @@ class Query:
 
     @property
     def overlay(self) -> Path:
-        return self.mask.with_name(self.mask.name.removesuffix("_mask.png") + "_overlay.png")
-
-
-def model_tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A tool's parser with the options of :meth:`Segmenter.from_checkpoint` (``segment``, ``serve``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (or the authors' released file)")
-    parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when available; the default) | cpu | cuda"
-    )
-    parser.add_argument(
-        "--precision",
-        default="32",
-        choices=("32", "bf16"),
-        help="32 (default) | bf16: autocast, meant for CUDA",
-    )
-    parser.add_argument(
-        "--image-size", type=int, default=None, help="model input side (default: the size it was trained at)"
-    )
-    return parser
-
-
-def load_segmenter(args: argparse.Namespace) -> Segmenter:
-    """The Segmenter :func:`model_tool_parser`'s options describe (a bad device or size: OutputError)."""
-    try:
-        return Segmenter.from_checkpoint(args.ckpt, args.device, args.image_size, args.precision)
-    except ValueError as err:  # device / precision / image size
-        if isinstance(err, DatasetError):
-            raise
-        raise OutputError(str(err)) from err
+        return self.mask.with_name(self.mask.name.removesuffix(MASK_SUFFIX) + OVERLAY_SUFFIX)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,49 +79,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def collect_queries(sources: list[str], out: Path) -> tuple[list[Query], list[str]]:
     """The query images of ``sources`` (files, or folders searched recursively) and the files skipped.
 
-    Mask files (``*_mask.*``) and everything under ``out`` are never queries.
+    Folders are scanned by ``scan_images`` (no mask ``*_mask.*``, no hidden file, nothing under ``out``);
+    outputs are named by ``OutputNames`` (``fewshot_seg.outputs``).
     """
-    exts = image_extensions()
-    out_resolved = out.resolve()
     found: list[tuple[Path, str]] = []
     skipped: list[str] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                if f.resolve().is_relative_to(out_resolved) or is_mask_file(f) or f.name.startswith("."):
-                    continue
-                if f.suffix.lower() in exts:
-                    found.append((f, f.relative_to(path).as_posix()))
-                else:
-                    skipped.append(str(f))
+            images, unsupported = scan_images(path, recursive=True, exclude=out)
+            found += [(f, f.relative_to(path).as_posix()) for f in images]
+            skipped += [str(f) for f in unsupported]
         elif path.is_file() or not path.exists():  # a missing file is reported as a failed query
             found.append((path, path.name))
-    stems = Counter(Path(rel).with_suffix("").as_posix() for _, rel in found)
-    queries, taken = [], set()
+    names = OutputNames(rel for _, rel in found)
+    queries = []
     for f, rel in found:
-        stem = Path(rel).with_suffix("").as_posix()
-        if stems[stem] > 1:
-            stem = rel
-        base, n = stem, 2
-        while stem in taken:
-            stem, n = f"{base}-{n}", n + 1
-        taken.add(stem)
-        queries.append(Query(f, stem, out / f"{stem}_mask.png"))
+        stem = names.stem(rel)
+        queries.append(Query(f, stem, out / f"{stem}{MASK_SUFFIX}"))
     return queries, skipped
 
 
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _write_outputs(query: Query, image: np.ndarray, mask: np.ndarray, with_overlay: bool) -> None:
-    _save_atomic(mask_image(mask), query.mask)
+    save_png_atomic(mask_image(mask), query.mask)
     if with_overlay:
-        _save_atomic(prediction_overlay(image, mask), query.overlay)
+        save_png_atomic(prediction_overlay(image, mask), query.overlay)
     query.fraction = float(mask.mean())
     query.status = "written"
 
@@ -205,7 +158,7 @@ def write_manifest(queries: list[Query], out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.batch_size is not None and args.batch_size < 1:
-        raise OutputError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise ToolError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_folder(out)
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
@@ -228,9 +181,6 @@ def run(args: argparse.Namespace) -> int:
     for q in failed:
         print(f"  {q.path}: {q.status.removeprefix('failed: ')}", file=sys.stderr)
     return 1 if failed else 0
-
-
-USER_ERRORS = (CheckpointError, DatasetError, OutputError)
 
 
 def main(argv: list[str] | None = None) -> int:

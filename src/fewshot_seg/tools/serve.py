@@ -4,12 +4,10 @@ queries, see each query's overlay and download the masks.
     fewshot-seg serve --ckpt stage2.ckpt [--host 127.0.0.1] [--port 7860] [--device auto]
 
 Python's own HTTP server and one self-contained HTML page (``serve_page.html``: no script or style from
-the network). Gradio, which the field's demos use, was not taken: its current release requires
-``pillow<13`` while this project pins pillow 13.0.0, and it brings some thirty packages (FastAPI, pandas,
-...) for a page of four controls. The page posts the images as data URLs to ``/api/segment``; the
-server segments them with :class:`fewshot_seg.Segmenter` (so the masks are the API's) and answers with
-overlays and masks as PNG data URLs, plus a zip kept in its own temporary folder, which is the only
-folder it serves files from and is deleted when it stops (Ctrl-C or SIGTERM).
+the network; why not Gradio: docs/inference.md). The page posts the images as data URLs to
+``/api/segment``; the server segments them with :class:`fewshot_seg.Segmenter` (so the masks are the
+API's) and answers with overlays and masks as PNG data URLs, plus a zip kept in its own temporary folder,
+which is the only folder it serves files from and is deleted when it stops (Ctrl-C or SIGTERM).
 
 Loopback only unless ``--host`` says otherwise; a request larger than ``--max-upload-mb`` is refused
 before it is read.
@@ -37,12 +35,11 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.errors import DatasetError
-from datamodules.user_images import read_user_image, read_user_mask
-from fewshot_seg.lightning.checkpoints import CheckpointError
-from fewshot_seg.lightning.prediction import OutputError
+from fewshot_seg.errors import DatasetError
+from fewshot_seg.outputs import MASK_SUFFIX, OutputNames
 from fewshot_seg.segmenter import Segmenter
-from fewshot_seg.tools.segment import load_segmenter, model_tool_parser
+from fewshot_seg.tools.common import USER_ERRORS, load_segmenter, model_tool_parser
+from fewshot_seg.user_images import read_user_image, read_user_mask
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
 MAX_SUPPORTS = 5
@@ -73,10 +70,10 @@ def _png_data_url(image: Image.Image) -> str:
 
 
 def _safe_name(name: Any, index: int) -> str:
-    """A file name for the zip: the upload's base name, reduced to safe characters."""
-    base = Path(str(name or f"query{index}")).name
-    stem = re.sub(r"[^\w.-]+", "_", Path(base).stem).strip("._") or f"query{index}"
-    return stem
+    """A file name for the zip: the upload's base name (extension kept), reduced to safe characters."""
+    base = Path(str(name or f"query{index}.png")).name
+    safe = re.sub(r"[^\w.-]+", "_", base).strip("._")
+    return safe if Path(safe).stem else f"query{index}.png"
 
 
 class SegmentApp:
@@ -112,17 +109,15 @@ class SegmentApp:
             results = self.segmenter.segment(query_images, encoded)
         token = secrets.token_hex(16)
         zip_path = self.workdir / f"{token}.zip"
-        out, names = [], set()
+        uploads = [_safe_name(q.get("name"), i) for i, q in enumerate(queries)]
+        names, out = OutputNames(uploads), []
         with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-            for i, (q, image, mask) in enumerate(zip(queries, query_images, results)):
-                name = _safe_name(q.get("name"), i)
-                while name in names:
-                    name += "_"
-                names.add(name)
+            for upload, image, mask in zip(uploads, query_images, results):
+                name = names.stem(upload)
                 mask_png = mask_image(mask)
                 buf = io.BytesIO()
                 mask_png.save(buf, format="PNG")
-                zf.writestr(f"{name}_mask.png", buf.getvalue())
+                zf.writestr(f"{name}{MASK_SUFFIX}", buf.getvalue())
                 out.append(
                     {
                         "name": name,
@@ -209,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         segmenter = load_segmenter(args)
-    except (CheckpointError, OutputError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="fewshot-seg-serve-"))

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from fewshot_seg import config_dir
-from fewshot_seg.lightning.checkpoints import usable_checkpoints
+from fewshot_seg.checkpoints import usable_checkpoints
 from fewshot_seg.lightning.results import format_class_table
 from fewshot_seg.tools.aggregate import SUMMARY_KIND, summary_name
 

@@ -12,6 +12,10 @@ and masks get two more rules, one meaning for one file everywhere:
 * **Bit depth**: 16-bit greyscale images (PNG ``I;16``) are scaled to 8 bits (65535 -> 255), then
   used as grey RGB; 32-bit integer images are read as 16-bit when their values fit; float images
   are refused.
+
+:class:`Letterbox` is the model input of the ``spec`` protocol (long side to the input size, padded to a
+square), in OpenCV alone: ``datamodules.transforms.TestTransform`` uses it too, so the ``Segmenter``
+prepares an image as a DataModule does without importing the data layer or albumentations.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from fewshot_seg.episode import IGNORE_INDEX
-
-from .errors import DatasetError, reading
+from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN
+from fewshot_seg.errors import DatasetError, reading
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 """A path, a PIL image or an ``[H, W, 3]`` uint8 RGB array (greyscale ``[H, W]`` arrays are accepted)."""
@@ -153,3 +157,72 @@ def image_extensions() -> frozenset[str]:
 def is_mask_file(path: Path) -> bool:
     """``<name>_mask.<ext>``: a mask beside its image, never an image of its own."""
     return path.stem.endswith("_mask")
+
+
+def scan_images(
+    folder: Path, recursive: bool = False, exclude: Path | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(images, unsupported files) of ``folder``, sorted: the one folder scanner of the folder DataModule
+    and ``fewshot-seg segment``.
+
+    Hidden files (``.name``: editor and OS leftovers, our own ``.tmp`` files) and masks (``*_mask.*``) are
+    neither; so is everything under ``exclude`` (an output folder inside the input folder). A file whose
+    extension PIL does not open is unsupported.
+    """
+    exts = image_extensions()
+    skip = exclude.resolve() if exclude is not None else None
+    images, unsupported = [], []
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or is_mask_file(p):
+            continue
+        if skip is not None and p.resolve().is_relative_to(skip):
+            continue
+        (images if p.suffix.lower() in exts else unsupported).append(p)
+    return images, unsupported
+
+
+class Letterbox:
+    """Resize so the long side is ``size`` (aspect ratio kept), then pad bottom/right to ``size x size``.
+
+    The image is resized with OpenCV's bilinear interpolation and padded with the mean pixel (0 once
+    normalised), the label nearest-neighbour and padded with 255 (ignore). Equal, value for value, to
+    albumentations' ``LongestMaxSize`` + ``PadIfNeeded(position="top_left")``, which the data layer
+    used before (a test compares them).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # cv2 rounds the float mean to the uint8 image's values (124, 116, 104), as albumentations did.
+        self._fill = tuple(float(m) for m in PIXEL_MEAN)
+
+    def resize(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[H, W, 3]`` uint8, ``[H, W]`` uint8 -> both with the long side ``size`` (h' and w' rounded)."""
+        h, w = label.shape[:2]
+        scale = self.size / max(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        if (new_h, new_w) == (h, w):
+            return image, label
+        return (
+            cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR),
+            cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST),
+        )
+
+    def pad(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pad bottom/right to at least ``size x size`` (mean pixel, label 255)."""
+        h, w = label.shape[:2]
+        bottom, right = max(0, self.size - h), max(0, self.size - w)
+        if not (bottom or right):
+            return image, label
+        return (
+            cv2.copyMakeBorder(image, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=self._fill),
+            cv2.copyMakeBorder(label, 0, bottom, 0, right, cv2.BORDER_CONSTANT, value=IGNORE_INDEX),
+        )
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """-> (image ``[S, S, 3]`` uint8, label ``[S, S]`` uint8, valid (h, w) inside the square)."""
+        image, label = self.resize(image, label)
+        valid = (int(label.shape[0]), int(label.shape[1]))
+        image, label = self.pad(image, label)
+        return image, label, valid

@@ -22,6 +22,9 @@ STAGE_KEY = "fewshot_seg_stage"
 
 STAGE_CLASS = {"pos": "POSModule", "mm": "MMModule"}
 
+PROVENANCE_KEY = "fewshot_seg_provenance"
+"""Checkpoint entry recording what trained the model (``lightning.provenance``: code, data, run config)."""
+
 
 class CheckpointError(ValueError):
     """A checkpoint a run cannot use (missing, unreadable, wrong stage, wrong shapes, wrong data)."""

@@ -4,12 +4,19 @@
 >>> seg = Segmenter.from_checkpoint("stage2.ckpt", device="cpu")                   # doctest: +SKIP
 >>> supports = seg.encode_supports(["a.jpg"], ["a_mask.png"])                      # doctest: +SKIP
 >>> masks = seg.segment(["q1.jpg", "q2.jpg"], supports, batch_size=8)              # doctest: +SKIP
+>>> classes = seg.encode_classes({"scratch": [("s.jpg", "s_mask.png")], "dent": [...]})  # doctest: +SKIP
+>>> labels = seg.segment_classes(["q1.jpg"], classes)[0].labels  # 0 bg, 1 scratch, 2 dent # doctest: +SKIP
 
 The supports are encoded once (the backbone and everything of Mask Matching that depends on them alone)
 and reused for every query batch. The forward pass is the one ``MMModule`` trains, tests and predicts
 with (``models.inference``), and images are prepared by the same functions as ``FolderEpisodeDataModule``
 (``datamodules.user_images``, ``TestTransform``), so a mask equals what ``fewshot-seg predict`` writes
 for the same episode.
+
+Several classes at once (``encode_classes`` / ``segment_classes``; ``fewshot_seg.multiclass``): each class's
+supports are encoded once, a query runs through the backbone and the POS once for all classes and through
+Mask Matching once per class; a pixel gets the class of highest probability above 0.5, background elsewhere
+(docs/inference.md, "Several classes at once").
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ class Supports:
 
 class Segmenter:
     """A trained MM-Former (backbone + POS + Mask Matching) in evaluation mode on one device.
+
+    One class: :meth:`encode_supports` then :meth:`segment`. N classes: :meth:`encode_classes` then
+    :meth:`segment_classes` (a label map per query; backbone and POS once per query for all classes).
 
     Args:
         backbone, pos, mask_matching: the trained networks (plain ``nn.Module``s).

@@ -15,8 +15,11 @@ Rows, at 1 and 5 shots, over the same ``--queries`` VOC-sized query images (500x
 queries/s = queries / total seconds (best of ``--repeats``, each round alternating the paths so that a
 change of machine load hits them alike). A second table splits the Mask Matching head at K shots into
 its support part (``encode_supports``: Self-Alignment, 1x1 reduction, masks and positional maps) and its
-query part (``match``), on backbone features computed beforehand. Random weights: speed does not depend
-on them.
+query part (``match``), on backbone features computed beforehand. A third table labels the queries with 1,
+3 and 10 classes at once (``Segmenter.segment_classes``: backbone and POS once per query, Mask Matching once
+per class) against as many single-class runs. Random weights: speed does not depend on them.
+
+    python benchmarks/inference_speed.py --classes-only        # the third table alone
 """
 
 from __future__ import annotations
@@ -157,6 +160,49 @@ def head_table(cfg: ModelConfig, size: int, repeats: int, device: torch.device) 
     return lines
 
 
+def classes_table(
+    cfg: ModelConfig, size: int, n_queries: int, repeats: int, device: torch.device, counts: tuple[int, ...]
+) -> list[str]:
+    """``segment_classes`` with 1, 3, 10 classes (1 shot each) against that many single-class runs.
+
+    The N classes are encoded once beforehand (not timed: a labelling job encodes them once for all its
+    queries); each round times ``segment_class_arrays`` over the queries, and one single-class run
+    (``segment_arrays``, the same batch size) in the same round. "N single-class runs" is N times that
+    run's time: what labelling N classes one at a time costs.
+    """
+    torch.manual_seed(0)
+    module = cfg.mm_module().eval().to(device)
+    seg = Segmenter(module.backbone, module.pos, module.mm, image_size=size, device=device)
+    queries = _images(n_queries, 1, (375, 500))
+    bs = seg.default_batch_size
+    images, masks = _images(max(counts), 3, (375, 500)), _masks(max(counts), (375, 500))
+    single = seg.encode_supports(images[:1], masks[:1])
+    lines = [
+        "| classes | queries/s | s/query | vs 1 class | N single-class runs (s/query) | speed-up vs N runs |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    first = None
+    for n in counts:
+        classes = seg.encode_classes({f"class {i}": [(images[i], masks[i])] for i in range(n)})
+        seg.segment_class_arrays(queries[:1], classes)  # warm-up
+        batches = [queries[i : i + bs] for i in range(0, n_queries, bs)]
+        multi_t, single_t = [], []
+        for _ in range(repeats):
+            multi_t.append(_seconds(lambda: [seg.segment_class_arrays(b, classes) for b in batches], device))  # noqa: B023
+            single_t.append(_seconds(lambda: [seg.segment_arrays(b, single) for b in batches], device))  # noqa: B023
+        multi, one = min(multi_t) / n_queries, min(single_t) / n_queries
+        first = first or multi
+        cells = [
+            f"{1 / multi:.3f}",
+            f"{multi:.2f}",
+            f"{multi / first:.2f}x",
+            f"{n * one:.2f}",
+            f"{n * one / multi:.2f}x",
+        ]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,15 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="demo model at 128 px, 2 queries, 1 repeat")
+    parser.add_argument(
+        "--classes-only",
+        action="store_true",
+        help="only the N-classes table (segment_classes at 1, 3, 10 classes)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg, size = (DEMO, 128) if args.smoke else (PAPER, 480)
     n, repeats = (2, 1) if args.smoke else (args.queries, args.repeats)
     print(f"{cfg.name} at {size}, device={device}, threads={args.threads}, {n} queries, best of {repeats}")
-    print("\n".join(speed_table(cfg, size, n, repeats, device)), flush=True)
-    print()
-    print("\n".join(head_table(cfg, size, repeats, device)))
+    if not args.classes_only:
+        print("\n".join(speed_table(cfg, size, n, repeats, device)), flush=True)
+        print()
+        print("\n".join(head_table(cfg, size, repeats, device)), flush=True)
+        print()
+    print("\n".join(classes_table(cfg, size, n, repeats, device, (1, 3, 10))))
     return 0
 
 

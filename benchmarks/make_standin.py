@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from datamodules.cache import swap_in_dir
 from datamodules.fake import COCO_CATEGORY_IDS
-from datamodules.synthetic import voc_palette
+from fewshot_seg.label_maps import voc_palette
 
 GENERATOR_VERSION = 1
 VOC_TRAIN, VOC_VAL = 10_582, 1_449

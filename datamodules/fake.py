@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .synthetic import add_boundary, voc_palette
+from fewshot_seg.label_maps import voc_palette
+
+from .synthetic import add_boundary
 
 # The 80 category ids of COCO (1..90 with gaps), so rank-vs-id mapping is exercised.
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]

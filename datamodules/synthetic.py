@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fewshot_seg.label_maps import voc_palette
+
 from .cache import read_json, swap_in_dir
 from .pascal import Pascal5iDataModule
 from .source import SegmentationSource
@@ -35,21 +37,6 @@ def class_attributes(class_id: int) -> tuple[int, int]:
 
 
 SYNTHETIC_CLASSES = tuple(f"{FAMILIES[f]} {SHAPES[s]}" for s, f in map(class_attributes, range(1, 21)))
-
-
-def voc_palette() -> list[int]:
-    """The 256-entry VOC colour map (bit-interleaved), flattened RGB, as VOC label PNGs use."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 BOUNDARY_WIDTH = 3

@@ -4,6 +4,8 @@
 >>> seg = Segmenter.from_checkpoint("stage2.ckpt", device="cpu")                   # doctest: +SKIP
 >>> supports = seg.encode_supports(["a.jpg"], ["a_mask.png"])                      # doctest: +SKIP
 >>> masks = seg.segment(["q1.jpg", "q2.jpg"], supports)                           # doctest: +SKIP
+>>> classes = seg.encode_classes({"scratch": [("s.jpg", "s_mask.png")], "dent": [...]})  # doctest: +SKIP
+>>> labels = seg.segment_classes(["q1.jpg"], classes)[0].labels  # 0 bg, 1 scratch, 2 dent # doctest: +SKIP
 
 The supports are encoded once (the backbone and everything of Mask Matching that depends on them alone)
 and reused for every query batch. The forward pass is the one ``MMModule`` trains, tests and predicts
@@ -11,6 +13,11 @@ with (``models.mm_forward``), the networks come from the checkpoint through ``fe
 images are read and letterboxed by ``fewshot_seg.user_images``, the functions ``FolderEpisodeDataModule``
 uses, so a mask equals what ``fewshot-seg predict`` writes for the same episode. Importing it imports
 neither Lightning nor the data layer.
+
+Several classes at once (``encode_classes`` / ``segment_classes``; ``fewshot_seg.multiclass``): each class's
+supports are encoded once, a query runs through the backbone and the POS once for all classes and through
+Mask Matching once per class; a pixel gets the class of highest probability above 0.5, background elsewhere
+(docs/inference.md, "Several classes at once").
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ from fewshot_seg.errors import DatasetError
 from fewshot_seg.evaluation import THRESHOLD, resize_to_labels
 from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 from fewshot_seg.models.mm_forward import encode_supports, segment_queries
+from fewshot_seg.multiclass import (
+    ClassExamples,
+    ClassSegmentation,
+    EncodedClasses,
+    IndexedExamples,
+    NamedExamples,
+    class_segmentation,
+    collect_examples,
+    match_classes,
+)
 from fewshot_seg.networks import PAPER_IMAGE_SIZE, load_networks
 from fewshot_seg.user_images import (
     ImageInput,
@@ -59,6 +76,9 @@ class Supports:
 
 class Segmenter:
     """A trained MM-Former (backbone + POS + Mask Matching) in evaluation mode on one device.
+
+    One class: :meth:`encode_supports` then :meth:`segment`. N classes: :meth:`encode_classes` then
+    :meth:`segment_classes` (a label map per query; backbone and POS once per query for all classes).
 
     Args:
         backbone, pos, mask_matching: the trained networks (plain ``nn.Module``s).
@@ -191,28 +211,15 @@ class Segmenter:
         return_probabilities: bool = False,
     ) -> Iterator[np.ndarray]:
         """:meth:`segment`, one query's result at a time (only one batch of images is held)."""
-        if supports.image_size != self.image_size:
-            raise ValueError(
-                f"supports were encoded at image_size {supports.image_size}, this Segmenter uses "
-                f"{self.image_size}: encode them with this Segmenter"
-            )
-        batch_size = batch_size or self.default_batch_size
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        items = _as_list(queries, "queries")
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            arrays = [read_user_image(q, f"query {start + i}") for i, q in enumerate(chunk)]
+        self._check_image_size(supports.image_size, "supports")
+        for arrays in self._query_batches(queries, batch_size):
             yield from self.segment_arrays(arrays, supports, return_probabilities)
 
     def segment_arrays(
         self, images: Sequence[np.ndarray], supports: Supports, return_probabilities: bool = False
     ) -> list[np.ndarray]:
         """One forward pass over already read ``[H, W, 3]`` uint8 RGB images (see :meth:`segment`)."""
-        prepared = [self._transform(img, np.full(img.shape[:2], IGNORE_INDEX, np.uint8)) for img in images]
-        # uint8 to the device, normalised there: as a loader's batch in the LightningModules.
-        batch = normalize_images(torch.stack([image_tensor(img) for img, _, _ in prepared]).to(self.device))
-        valid = torch.tensor([v for _, _, v in prepared])
+        batch, valid = self._prepare_queries(images)
         with self._inference():
             out = segment_queries(self.backbone, self.pos, self.mask_matching, batch, supports.encoding)
         # Resized to each image's size on the CPU: a large image is never held at full size on the device.
@@ -220,6 +227,122 @@ class Segmenter:
         if return_probabilities:
             return [m.clamp(0.0, 1.0).numpy().astype(np.float32) for m in maps]
         return [(m > THRESHOLD).numpy().astype(np.uint8) for m in maps]
+
+    # ------------------------------------------------------------------ N classes (docs/inference.md)
+    def encode_classes(
+        self,
+        classes: NamedExamples | ClassExamples = (),
+        *,
+        indexed: IndexedExamples = (),
+        class_names: Sequence[str] | str | os.PathLike | None = None,
+    ) -> EncodedClasses:
+        """Encode the supports of N classes once, each class as :meth:`encode_supports` would.
+
+        Args:
+            classes: ``{"scratch": [(image, mask), ...], "dent": [...]}``, or ``[(name, image, mask), ...]``
+                (a name repeats for several shots), binary masks by the mask convention; or the
+                :class:`~fewshot_seg.multiclass.ClassExamples` of ``multiclass.examples_from_folder``.
+            indexed: (image, class-index mask) pairs: 0 background, 255 ignore, i = ``class_names[i-1]``;
+                one image gives a support to every class it holds.
+            class_names: the classes in label order (a list, or a ``classes.txt`` path, one name a line);
+                needed with ``indexed``. Without it, classes are numbered in the order ``classes`` names them.
+
+        Returns:
+            The :class:`~fewshot_seg.multiclass.EncodedClasses`; label value i is its ``names[i - 1]``.
+
+        Raises:
+            DatasetError: in one line naming the class or file: a class with no support, a name given twice,
+                a class-index value that is no class, a support mask that marks no object pixel (also once
+                resized to the model input: a tiny object can vanish), or an error of :meth:`encode_supports`.
+        """
+        if not isinstance(classes, ClassExamples):
+            classes = collect_examples(classes, indexed, class_names)
+        encoded = []
+        for name in classes.names:
+            examples = classes.examples[name]
+            for ex in examples:
+                _, label, _ = self._transform(ex.image, ex.mask)
+                if not (label == 1).any():
+                    raise DatasetError(
+                        f"{ex.name} marks no object pixel once resized to the model input "
+                        f"({self.image_size} px long side): mark a larger region or use a larger image size"
+                    )
+            encoded.append(self.encode_supports([e.image for e in examples], [e.mask for e in examples]))
+        return EncodedClasses(names=tuple(classes.names), supports=tuple(encoded), image_size=self.image_size)
+
+    def segment_classes(
+        self,
+        queries: Sequence[ImageInput] | ImageInput,
+        classes: EncodedClasses,
+        batch_size: int | None = None,
+        return_probabilities: bool = False,
+    ) -> list[ClassSegmentation]:
+        """Label each query with N classes: backbone and POS once per query, Mask Matching once per class.
+
+        Args:
+            queries, batch_size: as :meth:`segment`.
+            classes: from :meth:`encode_classes` of this Segmenter.
+            return_probabilities: also return each class's probability map (``[N, H, W]``; N maps of the
+                image's size are held per query).
+
+        Returns:
+            One :class:`~fewshot_seg.multiclass.ClassSegmentation` per query at its displayed size: ``labels``
+            ``[H, W]`` uint8 (0 background, i = ``classes.names[i - 1]``; per pixel the class of highest
+            probability where it exceeds 0.5, background elsewhere), ``confidence`` (that highest probability)
+            and, on request, ``probabilities``: class i's map equals :meth:`segment`'s for its supports alone.
+        """
+        return list(self.iter_segment_classes(queries, classes, batch_size, return_probabilities))
+
+    def iter_segment_classes(
+        self,
+        queries: Sequence[ImageInput] | ImageInput,
+        classes: EncodedClasses,
+        batch_size: int | None = None,
+        return_probabilities: bool = False,
+    ) -> Iterator[ClassSegmentation]:
+        """:meth:`segment_classes`, one query's result at a time (only one batch of images is held)."""
+        self._check_image_size(classes.image_size, "classes")
+        for arrays in self._query_batches(queries, batch_size):
+            yield from self.segment_class_arrays(arrays, classes, return_probabilities)
+
+    def segment_class_arrays(
+        self, images: Sequence[np.ndarray], classes: EncodedClasses, return_probabilities: bool = False
+    ) -> list[ClassSegmentation]:
+        """One forward pass over already read ``[H, W, 3]`` uint8 RGB images (see :meth:`segment_classes`)."""
+        batch, valid = self._prepare_queries(images)
+        with self._inference():
+            maps = match_classes(self.backbone, self.pos, self.mask_matching, batch, classes.encodings)
+        maps = maps.float().cpu()  # [B, N, S, S]; resized on the CPU, as segment_arrays does
+        return [
+            class_segmentation(maps[i], valid[i], img.shape[:2], return_probabilities)
+            for i, img in enumerate(images)
+        ]
+
+    def _check_image_size(self, encoded_at: int, what: str) -> None:
+        if encoded_at != self.image_size:
+            raise ValueError(
+                f"{what} were encoded at image_size {encoded_at}, this Segmenter uses "
+                f"{self.image_size}: encode them with this Segmenter"
+            )
+
+    def _query_batches(
+        self, queries: Sequence[ImageInput] | ImageInput, batch_size: int | None
+    ) -> Iterator[list[np.ndarray]]:
+        """The queries read (``[H, W, 3]`` uint8 RGB), ``batch_size`` at a time: one batch held at once."""
+        batch_size = batch_size or self.default_batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        items = _as_list(queries, "queries")
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            yield [read_user_image(q, f"query {start + i}") for i, q in enumerate(chunk)]
+
+    def _prepare_queries(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> normalised ``[B, 3, S, S]`` on the device, valid ``[B, 2]`` (h, w) inside the square."""
+        prepared = [self._transform(img, np.full(img.shape[:2], IGNORE_INDEX, np.uint8)) for img in images]
+        # uint8 to the device, normalised there: as a loader's batch in the LightningModules.
+        batch = normalize_images(torch.stack([image_tensor(img) for img, _, _ in prepared]).to(self.device))
+        return batch, torch.tensor([v for _, _, v in prepared])
 
     def _inference(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.utils import draw_segmentation_masks, make_grid
 
 from fewshot_seg.episode import IGNORE_INDEX, PIXEL_MEAN, PIXEL_STD, EpisodeBatch
+from fewshot_seg.label_maps import class_colors
 
 Color = tuple[int, int, int]
 GREEN: Color = (0, 255, 0)
@@ -125,3 +126,19 @@ def prediction_row(batch: EpisodeBatch, maps: Mapping[str, Tensor], i: int, thre
     row = [overlay(img, batch.query_mask[i], GREEN)]
     row += [overlay(img, fg[i] > threshold, RED) for fg in maps.values()]
     return torch.cat(row, dim=2)
+
+
+def class_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """``[H, W, 3]`` uint8 RGB with each class of an ``[H, W]`` label map tinted in its palette colour.
+
+    The colours are those of the label PNGs (``label_maps.class_colors``: class 1 dark red, 2 green, ...),
+    so an overlay and its label map read alike; background (0) and ignore (255) stay untinted.
+    """
+    values = np.asarray(labels)
+    present = [int(v) for v in np.unique(values) if v not in (0, IGNORE_INDEX)]
+    out = torch.tensor(image).permute(2, 0, 1)
+    if present:
+        masks = torch.from_numpy(np.stack([values == v for v in present]))
+        colors = class_colors()
+        out = draw_segmentation_masks(out, masks, alpha=alpha, colors=[colors[v] for v in present])
+    return to_pil(out)

@@ -24,13 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from fewshot_seg.errors import DatasetError
 from fewshot_seg.outputs import MASK_SUFFIX, OVERLAY_SUFFIX, OutputNames, check_output_folder, save_png_atomic
 from fewshot_seg.segmenter import Segmenter, Supports
 from fewshot_seg.tools.common import USER_ERRORS, ToolError, load_segmenter, model_tool_parser
+from fewshot_seg.tools.segment_run import (
+    SINGLE_CLASS,
+    check_queries_not_out,
+    check_run_record,
+    check_support_order,
+    draw_missing_overlays,
+    finished_fraction,
+    lock_output,
+    report_mask_rules,
+    run_record,
+)
 from fewshot_seg.user_images import read_user_image, scan_images
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
@@ -119,9 +129,9 @@ def segment_folder(
     """Segment ``queries`` in batches, setting each one's ``status`` (written / exists / failed: why)."""
     todo = []
     for q in queries:
-        if q.mask.is_file() and not overwrite:
-            q.status = "exists"
-            q.fraction = float((np.asarray(Image.open(q.mask)) > 0).mean())
+        fraction = None if overwrite else finished_fraction(q.mask)  # an unreadable mask is redone
+        if fraction is not None:
+            q.status, q.fraction = "exists", fraction
         else:
             todo.append(q)
     batch_size = batch_size or segmenter.default_batch_size
@@ -160,16 +170,27 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ToolError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_folder(out)
+    check_queries_not_out(args.queries, out)
+    check_support_order(args.support)
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
         raise DatasetError(f"no query image found in {' '.join(args.queries)}")
-    segmenter = load_segmenter(args)
-    images, masks = zip(*args.support)
-    supports = segmenter.encode_supports(list(images), list(masks))
+    lock = lock_output(out)
     try:
-        segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
+        segmenter = load_segmenter(args)
+        images, masks = zip(*args.support)
+        print("\n".join(report_mask_rules(masks)))
+        supports = segmenter.encode_supports(list(images), list(masks))
+        record = run_record(args.ckpt, {SINGLE_CLASS: args.support}, segmenter.image_size, args.precision)
+        check_run_record(out, record, args.overwrite)
+        try:
+            segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
+            if args.overlay:
+                draw_missing_overlays(queries)
+        finally:
+            manifest = write_manifest(queries, out)
     finally:
-        manifest = write_manifest(queries, out)
+        lock.release()
     counts = Counter(q.status.split(":")[0] for q in queries)
     print(
         f"{counts['written']} mask(s) written, {counts['exists']} already there (--overwrite redoes them), "

@@ -170,11 +170,11 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
     ``masks/<name>.png``; ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Masks
-    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
-    background, 255 ignore, any other value the object); images are read as displayed (EXIF
-    orientation). Every query is paired with all supports (sorted by file name). ``predict`` segments
-    every query (those without a mask get all-255 labels); ``test`` scores only the queries with a
-    mask and names the others.
+    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; class ids: 0
+    background, 255 ignore, any other value the object; anti-aliased / JPEG: >= 128); images are read
+    as displayed (EXIF orientation). Every query is paired with all supports (sorted by file name).
+    ``predict`` segments every query (those without a mask get all-255 labels); ``test`` scores only
+    the queries with a mask and names the others.
 
     Args:
         root: Folder holding ``supports/``, ``queries/`` and optionally ``masks/``.

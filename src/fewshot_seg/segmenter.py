@@ -150,8 +150,8 @@ class Segmenter:
         Args:
             images: K images (paths, PIL images or ``[H, W, 3]`` uint8 RGB arrays).
             masks: K masks (paths, PIL images or ``[H, W]`` arrays), each the size of its image, by the
-                mask convention of ``fewshot_seg.user_images`` ({0, 255} / {0, 1} binary; else 0
-                background, 255 ignore, other values the object).
+                mask convention of ``fewshot_seg.user_images`` ({0, 255} / {0, 1} binary; class ids:
+                0 background, 255 ignore, other values the object; anti-aliased / JPEG: >= 128).
 
         Raises:
             DatasetError: naming the support: unreadable, mask size differs from its image's, or a mask

@@ -10,7 +10,9 @@ displayed size; sub-folders kept; two queries that would share a name keep their
 whose mask exists (``--overwrite`` redoes them); masks are written atomically, so an interrupted run
 never leaves a half-written mask that a later run would skip. A query that cannot be read is reported
 by name, every other one is written, and the exit status is then 1; a bad checkpoint or support stops
-with one line and exit status 2.
+with one line and exit status 2. ``OUT`` belongs to one run (``segment_run``: the run record
+``segment_run.json`` refuses another checkpoint, other supports, size or precision without
+``--overwrite``; the lock ``.segment.lock``; ``--overlay`` draws the overlays finished masks lack).
 """
 
 from __future__ import annotations
@@ -82,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, help="queries per forward pass (default: 8 on a GPU, 1 on a CPU)"
     )
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
-    parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo queries whose mask exists; also into a folder another run (checkpoint, supports, "
+        "size, precision) made",
+    )
     return parser.parse_args(argv)
 
 

@@ -115,6 +115,12 @@ def test_support_in_the_wrong_order(stage2_ckpt: Path, tmp_path: Path, capsys) -
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "the image comes first, then its mask" in err and f"--support {tmp_path / 's.jpg'}" in err
+    # Names that say nothing: the contents do (a two-value grey picture first, a colour photo second).
+    (tmp_path / "s.jpg").rename(tmp_path / "photo.jpg")
+    (tmp_path / "s_mask.png").rename(tmp_path / "label.png")
+    args[i + 1], args[i + 2] = str(tmp_path / "label.png"), str(tmp_path / "photo.jpg")
+    assert main(args) == 2
+    assert "holds at most two grey values" in capsys.readouterr().err
 
 
 def test_image_size_zero_is_refused(stage2_ckpt: Path, tmp_path: Path, capsys) -> None:

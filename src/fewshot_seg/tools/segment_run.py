@@ -33,7 +33,7 @@ from fewshot_seg.errors import DatasetError, reading
 from fewshot_seg.folder_lock import RunFolderError, RunLock
 from fewshot_seg.outputs import OUTPUT_SUFFIXES, OutputError, save_png_atomic
 from fewshot_seg.tools.common import ToolError
-from fewshot_seg.user_images import is_mask_file, read_user_image, read_user_mask_and_rule
+from fewshot_seg.user_images import MAX_CLASS_VALUES, is_mask_file, read_user_image, read_user_mask_and_rule
 from fewshot_seg.visualize import prediction_overlay
 
 RUN_RECORD = "segment_run.json"
@@ -57,13 +57,31 @@ def check_queries_not_out(sources: Sequence[str], out: Path) -> None:
 
 
 def check_support_order(pairs: Sequence[Sequence[str]]) -> None:
-    """Refuse ``--support MASK IMAGE``: the first file named like a mask (``*_mask.*``), the second not."""
+    """Refuse ``--support MASK IMAGE``: the first file named like a mask (``*_mask.*``) and the second not,
+    or the first a two-value grey picture and the second a colour photo."""
     for image, mask in pairs:
         if is_mask_file(Path(image)) and not is_mask_file(Path(mask)):
-            raise ToolError(
-                f"--support {image} {mask}: the image comes first, then its mask ({image} is named like a "
-                f"mask): --support {mask} {image}"
-            )
+            why = f"{image} is named like a mask"
+        elif _mask_then_photo(image, mask):
+            why = f"{image} holds at most two grey values, {mask} is a colour picture"
+        else:
+            continue
+        raise ToolError(
+            f"--support {image} {mask}: the image comes first, then its mask ({why}): "
+            f"--support {mask} {image}"
+        )
+
+
+def _mask_then_photo(first: str, second: str) -> bool:
+    try:
+        a, b = read_user_image(first), read_user_image(second)
+    except DatasetError:
+        return False  # the Segmenter names an unreadable support
+    grey_a = (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    colour_b = not ((b[..., 0] == b[..., 1]).all() and (b[..., 1] == b[..., 2]).all())
+    return bool(
+        grey_a and colour_b and len(np.unique(a[..., 0])) <= 2 and len(np.unique(b)) > MAX_CLASS_VALUES
+    )
 
 
 def report_mask_rules(masks: Sequence[str]) -> list[str]:

@@ -120,8 +120,7 @@ def _rgb(source: ImageInput, what: str, name: str) -> np.ndarray:
 
 def _ramp_fraction(m: np.ndarray) -> float:
     """Of the pixels next to a value change, the fraction strictly between both neighbours (row or column)."""
-    m = m.astype(np.int16)
-    ramps = np.zeros(m.shape, dtype=bool)
+    ramps = np.zeros(m.shape, dtype=bool)  # comparisons only: uint8 needs no widening
     changes = np.zeros(m.shape, dtype=bool)
     for axis in (0, 1):
         if m.shape[axis] < 3:

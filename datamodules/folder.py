@@ -16,6 +16,7 @@ from fewshot_seg.user_images import (
     read_user_image,
     read_user_mask,
     require_object,
+    require_object_resized,
     scan_images,
 )
 
@@ -91,6 +92,7 @@ class FolderEpisodes(Dataset):
         self._support_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         for s, m in self.supports:
             require_object(_pair(s, m)[1], f"support mask {m}")
+        self._supports()  # resized once here: an object that vanishes at the model size is refused now
         queries, unsupported = scan_images(qry_dir, recursive=True)
         self.unsupported = [str(p) for p in sup_unsupported + unsupported]
         self.failed: list[tuple[str, str]] = []
@@ -127,10 +129,11 @@ class FolderEpisodes(Dataset):
 
     def _supports(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if self._support_cache is None:  # the same K supports serve every query
-            self._support_cache = [
-                (img, self._semantic(lab))
-                for img, lab, _ in (self.transform(*_pair(s, m)) for s, m in self.supports)
-            ]
+            self._support_cache = []
+            for s, m in self.supports:
+                img, lab, _ = self.transform(*_pair(s, m))
+                require_object_resized(lab, f"support mask {m}", self.transform.image_size)
+                self._support_cache.append((img, self._semantic(lab)))
         return self._support_cache
 
     def __getitem__(self, index: int) -> dict:
@@ -167,11 +170,11 @@ class FolderEpisodeDataModule(pl.LightningDataModule):
 
     Layout of ``root``: ``supports/<name>.<ext>`` with a mask ``supports/<name>_mask.png`` or
     ``masks/<name>.png``; ``queries/<name>.<ext>`` with optional ``queries/<name>_mask.png``. Masks
-    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; more values: 0
-    background, 255 ignore, any other value the object); images are read as displayed (EXIF
-    orientation). Every query is paired with all supports (sorted by file name). ``predict`` segments
-    every query (those without a mask get all-255 labels); ``test`` scores only the queries with a
-    mask and names the others.
+    follow ``fewshot_seg.user_images.MASK_CONVENTION`` ({0, 255} or {0, 1}: binary; class ids: 0
+    background, 255 ignore, any other value the object; anti-aliased / JPEG: >= 128); images are read
+    as displayed (EXIF orientation). Every query is paired with all supports (sorted by file name).
+    ``predict`` segments every query (those without a mask get all-255 labels); ``test`` scores only
+    the queries with a mask and names the others.
 
     Args:
         root: Folder holding ``supports/``, ``queries/`` and optionally ``masks/``.

@@ -285,3 +285,29 @@ def test_diverged_weights_are_never_written(tmp_path: Path) -> None:
         NonFiniteError, match=r"^step 3: the weights hold non-finite values \(bias\); last.ckpt not"
     ):
         check_weights(model, 3, "last.ckpt")
+
+
+def test_ckpt_path_not_a_project_checkpoint(
+    synthetic_root: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import torchvision
+
+    imagenet = tmp_path / "resnet18-imagenet.pth"  # what torchvision downloads: a bare state dict
+    torch.save(torchvision.models.resnet18().state_dict(), imagenet)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello world\nexample text\n")  # torch's unpickler raised KeyError: 101
+    for path, message in (
+        (imagenet, "is not an MM-Former checkpoint of this project"),
+        (text, "is not a readable PyTorch checkpoint"),
+    ):
+        code, err = _console(
+            monkeypatch,
+            capsys,
+            "test",
+            *STAGE1,
+            *tiny_data(synthetic_root),
+            *run_dir_args(tmp_path / "out"),
+            f"--ckpt_path={path}",
+        )
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: --ckpt_path '{path}' {message}"), err

@@ -153,3 +153,40 @@ def test_reference_checkpoint(tmp_path: Path) -> None:
     torch.save({"model": state}, tmp_path / "step1.pth")
     with pytest.raises(CheckpointError, match="holds no Mask Matching weights"):
         Segmenter.from_checkpoint(tmp_path / "step1.pth", device="cpu")
+
+
+def test_api_errors_name_the_argument(segmenter: Segmenter, stage2_ckpt: Path, tmp_path: Path) -> None:
+    files = _episode(tmp_path / "episode")
+    supports = segmenter.encode_supports(files["supports"], files["masks"])
+    with pytest.raises(DatasetError, match=r"query 0 is empty \(0x0 pixels\)"):
+        segmenter.segment([np.zeros((0, 0, 3), np.uint8)], supports)  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device: use 'auto', 'cpu', 'cuda'"):
+        Segmenter.from_checkpoint(stage2_ckpt, device="gpu")  # was torch's own RuntimeError
+    with pytest.raises(TypeError, match=r"supports: expected the Supports that Segmenter.encode_supports"):
+        segmenter.segment(files["queries"][:1], None)  # was an AttributeError
+    with pytest.raises(TypeError, match=r"classes: expected the EncodedClasses"):
+        segmenter.segment_classes(files["queries"][:1], supports)
+    with pytest.raises(ValueError, match=r"image_size must be at least 32, got 0"):
+        Segmenter.from_checkpoint(stage2_ckpt, device="cpu", image_size=0)  # was the trained size
+
+
+def test_segment_skips_and_reports_unreadable_queries(segmenter: Segmenter, tmp_path: Path) -> None:
+    files = _episode(tmp_path / "episode")
+    supports = segmenter.encode_supports(files["supports"], files["masks"])
+    (tmp_path / "bad.jpg").write_text("not an image")
+    queries = [files["queries"][0], tmp_path / "bad.jpg", files["queries"][1]]
+    with pytest.raises(DatasetError, match=r"bad.jpg .*on_error='skip' puts None in its place, iter_segment"):
+        segmenter.segment(queries, supports)
+    with pytest.warns(UserWarning, match=r"query 1 skipped: cannot read query 1 .*bad.jpg"):
+        masks = segmenter.segment(queries, supports, batch_size=2, on_error="skip")
+    expected = segmenter.segment([queries[0], queries[2]], supports)
+    assert masks[1] is None
+    assert np.array_equal(masks[0], expected[0]) and np.array_equal(masks[2], expected[1])
+
+
+def test_thin_support_object_checked_after_the_resize(segmenter: Segmenter, tmp_path: Path) -> None:
+    image = np.zeros((600, 600, 3), np.uint8)
+    thin = np.zeros((600, 600), np.uint8)
+    thin[301, :] = 255  # one row of a large photo: gone once resized to the model's size
+    with pytest.raises(DatasetError, match=r"support mask 0 marks no object pixel once resized"):
+        segmenter.encode_supports([image], [thin])

@@ -29,8 +29,10 @@ def _rotated_jpeg(path: Path, stored_hw: tuple[int, int] = (157, 161)) -> None:
         ([0, 255], [0, 1]),  # the most common binary format: 255 is the object, not ignore
         ([0, 1], [0, 1]),
         ([255, 255], [1, 1]),
-        ([0, 7, 255], [0, 1, 255]),  # VOC: 255 = ignore, other values = object
-        ([0, 1, 255], [0, 1, 255]),
+        # VOC (the ignore ring between background and object): 255 = ignore, other values = object. A value
+        # between its two neighbours (0, 7, 255) is a ramp: greyscale (tests/test_mask_rule.py).
+        ([0, 255, 7], [0, 255, 1]),
+        ([0, 255, 1], [0, 255, 1]),
         ([0, 200], [0, 1]),
     ],
 )

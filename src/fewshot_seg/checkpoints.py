@@ -49,6 +49,11 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Mappin
         raise CheckpointError(f"{name} is a folder; expected a .ckpt / .pth file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (KeyError, IndexError) as err:  # the unpickler met a byte that opens no pickle (a text file)
+        raise CheckpointError(
+            f"{name} is not a readable PyTorch checkpoint (truncated, or not a checkpoint at all): not a "
+            f"PyTorch file ({type(err).__name__} {err} while unpickling)"
+        ) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
         text = str(err)
         if "Unsupported global" in text:  # a real pickle, of classes a weights-only load refuses
@@ -66,6 +71,18 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Mappin
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{name} holds a {type(ckpt).__name__}, not a checkpoint")
     return ckpt
+
+
+def require_lightning_checkpoint(ckpt: Mapping, name: str) -> None:
+    """Refuse a file that is no Lightning checkpoint (an ImageNet backbone, a bare state dict) before a
+    model is built for it, naming it (``name``: e.g. "--ckpt_path 'x.pth'")."""
+    if is_lightning_checkpoint(ckpt):
+        return
+    keys = [k for k in ckpt if isinstance(k, str)][:3]
+    raise CheckpointError(
+        f"{name} is not an MM-Former checkpoint of this project (no Lightning 'state_dict'; its first "
+        f"entries: {keys}): pass a checkpoint written by `fewshot-seg fit` (<run>/checkpoints/*.ckpt)"
+    )
 
 
 def usable_checkpoints(folder: str | os.PathLike) -> list[Path]:

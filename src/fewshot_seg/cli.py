@@ -28,6 +28,7 @@ from fewshot_seg.checkpoints import (
     CheckpointError,
     checkpoint_stage,
     read_checkpoint,
+    require_lightning_checkpoint,
     usable_checkpoints,
 )
 from fewshot_seg.lightning.callbacks import BestCheckpoint
@@ -149,6 +150,7 @@ class FewShotCLI(LightningCLI):
         if not ckpt_path or keyword or "://" in str(ckpt_path):
             return  # Lightning's own keywords and remote (fsspec) paths
         ckpt = read_checkpoint(ckpt_path, "--ckpt_path")  # a missing file or a folder: one line
+        require_lightning_checkpoint(ckpt, f"--ckpt_path {str(ckpt_path)!r}")  # not ImageNet weights
         hparams = ckpt.get("hyper_parameters") or {}
         model_cls = _model_class(cfg)
         stage = checkpoint_stage(ckpt) if "state_dict" in ckpt else None

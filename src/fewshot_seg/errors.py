@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Iterator
+
+from PIL import Image
 
 
 class DatasetError(ValueError):
@@ -17,8 +20,10 @@ class DatasetError(ValueError):
 def reading(path: str | os.PathLike, what: str, kind: str = "an image") -> Iterator[None]:
     """Turn a failure to read ``path`` into one :class:`DatasetError` naming ``what`` and the file.
 
-    Missing, a folder, or unreadable (PIL's ``OSError`` / ``SyntaxError`` / ``ValueError`` for a corrupt
-    or foreign file); a DatasetError raised inside passes unchanged.
+    Missing, a folder, or unreadable: PIL's ``OSError`` / ``SyntaxError`` / ``ValueError`` for a corrupt
+    or foreign file, and what malformed headers raise besides (``struct.error``, ``IndexError``), or
+    ``DecompressionBombError`` for an image of more pixels than PIL's limit (``Image.MAX_IMAGE_PIXELS``
+    x 2). A DatasetError raised inside passes unchanged.
     """
     name = os.fspath(path)
     try:
@@ -29,5 +34,7 @@ def reading(path: str | os.PathLike, what: str, kind: str = "an image") -> Itera
         raise DatasetError(f"{what} file is missing: {name}") from e
     except IsADirectoryError as e:
         raise DatasetError(f"{what} {name} is a folder, not a file") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{what} {name} is too large to read: {e}") from e
+    except (OSError, SyntaxError, ValueError, struct.error, IndexError) as e:
         raise DatasetError(f"cannot read {what} {name} (corrupt or not {kind}): {e}") from e

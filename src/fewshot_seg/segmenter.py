@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,10 +59,12 @@ from fewshot_seg.user_images import (
     read_user_image,
     read_user_mask,
     require_object,
+    require_object_resized,
 )
 
 Device = Literal["auto", "cpu", "cuda"] | str
 Precision = Literal["32", "bf16"]
+OnError = Literal["raise", "skip"]
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Segmenter:
                 not fit.
         """
         backbone, pos, mm, trained_size = load_networks(path)
-        return cls(backbone, pos, mm, image_size or trained_size, device, precision)
+        return cls(backbone, pos, mm, trained_size if image_size is None else image_size, device, precision)
 
     # ------------------------------------------------------------------ supports
     def encode_supports(self, images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> Supports:
@@ -147,8 +150,8 @@ class Segmenter:
         Args:
             images: K images (paths, PIL images or ``[H, W, 3]`` uint8 RGB arrays).
             masks: K masks (paths, PIL images or ``[H, W]`` arrays), each the size of its image, by the
-                mask convention of ``fewshot_seg.user_images`` ({0, 255} / {0, 1} binary; else 0
-                background, 255 ignore, other values the object).
+                mask convention of ``fewshot_seg.user_images`` ({0, 255} / {0, 1} binary; class ids:
+                0 background, 255 ignore, other values the object; anti-aliased / JPEG: >= 128).
 
         Raises:
             DatasetError: naming the support: unreadable, mask size differs from its image's, or a mask
@@ -168,6 +171,7 @@ class Segmenter:
             )
             require_object(mask, describe(mask_src, f"support mask {i}"))
             img, lab, _ = self._transform(image, mask)
+            require_object_resized(lab, describe(mask_src, f"support mask {i}"), self.image_size)
             tensors.append(image_tensor(img))
             labels.append(torch.from_numpy(lab))  # uint8 to the device, widened there (as loaders' labels)
         with self._inference():
@@ -186,7 +190,8 @@ class Segmenter:
         supports: Supports,
         batch_size: int | None = None,
         return_probabilities: bool = False,
-    ) -> list[np.ndarray]:
+        on_error: OnError = "raise",
+    ) -> list[np.ndarray | None]:
         """Segment each query against encoded supports.
 
         Args:
@@ -195,13 +200,23 @@ class Segmenter:
             batch_size: queries per forward pass; None = :attr:`default_batch_size` (8 on a GPU, 1 on the
                 CPU, where a batch of 480-px images runs slower per image than one at a time).
             return_probabilities: return the foreground maps instead of masks.
+            on_error: what a query that cannot be read does. "raise" (default): the DatasetError ends the
+                call and the results of the queries before it are lost with it (iterate
+                :meth:`iter_segment` to keep them). "skip": its place in the list holds None, and a
+                warning names it and why.
 
         Returns:
             One array per query at its displayed size (EXIF orientation applied): ``[H, W]`` uint8 in
             {0, 1}, or with ``return_probabilities`` float32 in [0, 1] (the merged Mask Matching map,
-            clipped; the mask is ``probability > 0.5``).
+            clipped; the mask is ``probability > 0.5``); None for a query skipped by ``on_error="skip"``.
         """
-        return list(self.iter_segment(queries, supports, batch_size, return_probabilities))
+        try:
+            return list(self.iter_segment(queries, supports, batch_size, return_probabilities, on_error))
+        except DatasetError as err:
+            raise DatasetError(
+                f"{err} (segment returns nothing then: on_error='skip' puts None in its place, "
+                "iter_segment yields the results before it)"
+            ) from err
 
     def iter_segment(
         self,
@@ -209,16 +224,21 @@ class Segmenter:
         supports: Supports,
         batch_size: int | None = None,
         return_probabilities: bool = False,
-    ) -> Iterator[np.ndarray]:
+        on_error: OnError = "raise",
+    ) -> Iterator[np.ndarray | None]:
         """:meth:`segment`, one query's result at a time (only one batch of images is held)."""
+        _check_encoded(supports, Supports, "supports", "encode_supports")
         self._check_image_size(supports.image_size, "supports")
-        for arrays in self._query_batches(queries, batch_size):
-            yield from self.segment_arrays(arrays, supports, return_probabilities)
+        for arrays in self._query_batches(queries, batch_size, on_error):
+            readable = [a for a in arrays if a is not None]
+            results = iter(self.segment_arrays(readable, supports, return_probabilities) if readable else ())
+            yield from (None if a is None else next(results) for a in arrays)
 
     def segment_arrays(
         self, images: Sequence[np.ndarray], supports: Supports, return_probabilities: bool = False
     ) -> list[np.ndarray]:
         """One forward pass over already read ``[H, W, 3]`` uint8 RGB images (see :meth:`segment`)."""
+        _check_encoded(supports, Supports, "supports", "encode_supports")
         batch, valid = self._prepare_queries(images)
         with self._inference():
             out = segment_queries(self.backbone, self.pos, self.mask_matching, batch, supports.encoding)
@@ -260,13 +280,8 @@ class Segmenter:
         encoded = []
         for name in classes.names:
             examples = classes.examples[name]
-            for ex in examples:
-                _, label, _ = self._transform(ex.image, ex.mask)
-                if not (label == 1).any():
-                    raise DatasetError(
-                        f"{ex.name} marks no object pixel once resized to the model input "
-                        f"({self.image_size} px long side): mark a larger region or use a larger image size"
-                    )
+            for ex in examples:  # named as the class's support (encode_supports names it by position)
+                require_object_resized(self._transform(ex.image, ex.mask)[1], ex.name, self.image_size)
             encoded.append(self.encode_supports([e.image for e in examples], [e.mask for e in examples]))
         return EncodedClasses(names=tuple(classes.names), supports=tuple(encoded), image_size=self.image_size)
 
@@ -301,6 +316,7 @@ class Segmenter:
         return_probabilities: bool = False,
     ) -> Iterator[ClassSegmentation]:
         """:meth:`segment_classes`, one query's result at a time (only one batch of images is held)."""
+        _check_encoded(classes, EncodedClasses, "classes", "encode_classes")
         self._check_image_size(classes.image_size, "classes")
         for arrays in self._query_batches(queries, batch_size):
             yield from self.segment_class_arrays(arrays, classes, return_probabilities)
@@ -326,16 +342,27 @@ class Segmenter:
             )
 
     def _query_batches(
-        self, queries: Sequence[ImageInput] | ImageInput, batch_size: int | None
-    ) -> Iterator[list[np.ndarray]]:
-        """The queries read (``[H, W, 3]`` uint8 RGB), ``batch_size`` at a time: one batch held at once."""
+        self, queries: Sequence[ImageInput] | ImageInput, batch_size: int | None, on_error: OnError = "raise"
+    ) -> Iterator[list[np.ndarray | None]]:
+        """The queries read (``[H, W, 3]`` uint8 RGB), ``batch_size`` at a time: one batch held at once.
+        With ``on_error="skip"`` an unreadable query is None, and a warning names it."""
         batch_size = batch_size or self.default_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         items = _as_list(queries, "queries")
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            yield [read_user_image(q, f"query {start + i}") for i, q in enumerate(chunk)]
+            batch: list[np.ndarray | None] = []
+            for i, q in enumerate(items[start : start + batch_size], start):
+                try:
+                    batch.append(read_user_image(q, f"query {i}"))
+                except DatasetError as err:
+                    if on_error == "raise":
+                        raise
+                    warnings.warn(f"query {i} skipped: {err}", stacklevel=4)
+                    batch.append(None)
+            yield batch
 
     def _prepare_queries(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> normalised ``[B, 3, S, S]`` on the device, valid ``[B, 2]`` (h, w) inside the square."""
@@ -355,9 +382,25 @@ class Segmenter:
 def _resolve_device(device: Device) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but no CUDA device is available here; use 'cpu' or 'auto'")
     return str(device)
+
+
+def _check_encoded(value: object, kind: type, argument: str, method: str) -> None:
+    """Refuse anything but what ``method`` returns, naming the argument (``supports=None`` is a mistake
+    the attribute access further down would only report as an AttributeError)."""
+    if not isinstance(value, kind):
+        raise TypeError(
+            f"{argument}: expected the {kind.__name__} that Segmenter.{method} returns, "
+            f"got {type(value).__name__}"
+        )
 
 
 def _as_list(items: Any, what: str) -> list:

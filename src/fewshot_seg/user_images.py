@@ -5,10 +5,15 @@ and masks get two more rules, one meaning for one file everywhere:
 
 * **Orientation**: the EXIF orientation tag is applied, so an image is segmented as a viewer shows it
   (a phone photo stored sideways comes back as a mask of its displayed size).
-* **Mask convention**: a mask whose values are only {0, 255} or only {0, 1} (or a bool array) is
-  binary: the non-zero value is the object. A mask with more values follows the VOC convention:
-  0 background, 255 ignore (never scored, never a support pixel), any other value the object.
-  Colour masks (RGB) are read as their greyscale (``L``) values first.
+* **Mask convention** (:data:`MASK_CONVENTION`, :func:`mask_rule`): a mask whose values are only
+  {0, 255} or only {0, 1} (or a bool array) is binary: the non-zero value is the object. A mask with
+  more values is read by what it looks like. Values that look like class ids (at most
+  :data:`MAX_CLASS_VALUES` distinct values, and no smooth ramp between neighbours) follow the VOC
+  convention: 0 background, 255 ignore (never scored, never a support pixel), any other value the
+  object. Anything else (an anti-aliased brush, a JPEG's ringing) is greyscale: thresholded at 128.
+  Colour masks (RGB) are read as their greyscale (``L``) values first; a palette image by its colours
+  (unless its palette is the VOC colour map, whose indices are class ids); an image whose colour is
+  uniform and whose alpha channel varies by its alpha.
 * **Bit depth**: 16-bit greyscale images (PNG ``I;16``) are scaled to 8 bits (65535 -> 255), then
   used as grey RGB; 32-bit integer images are read as 16-bit when their values fit; float images
   are refused.
@@ -37,9 +42,21 @@ MaskInput = str | os.PathLike | Image.Image | np.ndarray
 """A path, a PIL image or an ``[H, W]`` array (bool, or integers 0..255)."""
 
 MASK_CONVENTION = (
-    "a mask with only the values {0, 255} or {0, 1} is binary (object = the non-zero value); with more "
-    "values, 0 = background, 255 = ignore and any other value = the object"
+    "a mask with only the values {0, 255} or {0, 1} is binary (object = the non-zero value); one whose "
+    "values look like class ids (few values, no smooth ramps) is VOC-style: 0 = background, 255 = ignore, "
+    "any other value = the object; any other greyscale mask (anti-aliased, JPEG) is object where >= 128"
 )
+MAX_CLASS_VALUES = 32
+"""More distinct values than this are no class-id mask (VOC has 21 classes and 255)."""
+RAMP_FRACTION = 0.05
+"""A class-id mask jumps from one value to another; a mask where more than this fraction of the
+pixels at a value change lie strictly between their two neighbours (a ramp) is greyscale."""
+THRESHOLD = 128
+
+RULE_BINARY_255 = "binary 0/255"
+RULE_BINARY_1 = "binary 0/1"
+RULE_CLASS_IDS = "class ids (VOC: 0 background, 255 ignore, other values the object)"
+RULE_GREYSCALE = "greyscale (anti-aliased or JPEG): object where >= 128"
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -74,9 +91,17 @@ def read_user_image(source: ImageInput, what: str = "image") -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB as displayed (EXIF orientation applied, 16-bit greyscale scaled).
 
     Raises:
-        DatasetError: naming the file (or ``what``) when it is missing, unreadable or of a refused kind.
+        DatasetError: naming the file (or ``what``) when it is missing, unreadable, empty (0 pixels) or of
+            a refused kind.
     """
     name = describe(source, what)
+    image = _rgb(source, what, name)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise DatasetError(f"{name} is empty ({image.shape[1]}x{image.shape[0]} pixels)")
+    return image
+
+
+def _rgb(source: ImageInput, what: str, name: str) -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         return _rgb_from_pil(_open(source, what), name)
     if isinstance(source, Image.Image):
@@ -93,44 +118,129 @@ def read_user_image(source: ImageInput, what: str = "image") -> np.ndarray:
     raise DatasetError(f"{what}: expected a path, a PIL image or a numpy array, got {type(source).__name__}")
 
 
-def mask_from_values(values: np.ndarray, name: str = "mask") -> np.ndarray:
-    """``[H, W]`` uint8 in {0, 1, 255} from mask values, by :data:`MASK_CONVENTION`."""
+def _ramp_fraction(m: np.ndarray) -> float:
+    """Of the pixels next to a value change, the fraction strictly between both neighbours (row or column)."""
+    ramps = np.zeros(m.shape, dtype=bool)  # comparisons only: uint8 needs no widening
+    changes = np.zeros(m.shape, dtype=bool)
+    for axis in (0, 1):
+        if m.shape[axis] < 3:
+            continue
+        a = np.moveaxis(m, axis, 0)
+        before, mid, after = a[:-2], a[1:-1], a[2:]
+        ramp = ((before < mid) & (mid < after)) | ((before > mid) & (mid > after))
+        change = (before != mid) | (mid != after)
+        np.moveaxis(ramps, axis, 0)[1:-1] |= ramp
+        np.moveaxis(changes, axis, 0)[1:-1] |= change
+    return float(ramps.sum()) / max(1, int(changes.sum()))
+
+
+def mask_rule(values: np.ndarray) -> str:
+    """Which reading of :data:`MASK_CONVENTION` uint8 mask values ``[H, W]`` get (a ``RULE_*`` name)."""
+    counts = np.bincount(values.ravel(), minlength=256)
+    present = set(np.flatnonzero(counts).tolist())
+    if present <= {0, 255}:
+        return RULE_BINARY_255
+    if present <= {0, 1}:
+        return RULE_BINARY_1
+    if len(present) <= MAX_CLASS_VALUES and _ramp_fraction(values) <= RAMP_FRACTION:
+        return RULE_CLASS_IDS
+    return RULE_GREYSCALE
+
+
+def mask_and_rule(values: np.ndarray, name: str = "mask") -> tuple[np.ndarray, str]:
+    """(``[H, W]`` uint8 in {0, 1, 255}, the rule used) from mask values, by :data:`MASK_CONVENTION`."""
     if values.ndim != 2:
         raise DatasetError(f"{name} has shape {list(values.shape)}; expected [H, W]")
     if values.dtype == bool:
-        return values.astype(np.uint8)
+        return values.astype(np.uint8), RULE_BINARY_1
     if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
         raise DatasetError(f"{name} has dtype {values.dtype}; expected bool or integers 0..255")
     integral = np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values))
     if values.size and (values.min() < 0 or values.max() > 255 or not integral):
         raise DatasetError(f"{name} holds values outside the integers 0..255 ({MASK_CONVENTION})")
     m = values.astype(np.uint8, copy=False)
-    present = set(np.flatnonzero(np.bincount(m.ravel(), minlength=256)).tolist())
-    if present <= {0, 255} or present <= {0, 1}:
-        return (m != 0).astype(np.uint8)
+    rule = mask_rule(m)
+    if rule == RULE_GREYSCALE:
+        return (m >= THRESHOLD).astype(np.uint8), rule
     out = (m != 0).astype(np.uint8)
-    out[m == IGNORE_INDEX] = IGNORE_INDEX
-    return out
+    if rule == RULE_CLASS_IDS:
+        out[m == IGNORE_INDEX] = IGNORE_INDEX
+    return out, rule
 
 
-def read_user_mask(source: MaskInput, what: str = "mask") -> np.ndarray:
-    """``[H, W]`` uint8 in {0, 1, 255} (1 = object, 255 = ignore) from a mask file, PIL image or array."""
+def mask_from_values(values: np.ndarray, name: str = "mask") -> np.ndarray:
+    """``[H, W]`` uint8 in {0, 1, 255} from mask values, by :data:`MASK_CONVENTION`."""
+    return mask_and_rule(values, name)[0]
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """``[n, 3]`` uint8: the PASCAL VOC palette (index i's colour from the bits of i, as the VOC devkit)."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+_VOC_COLOURS = voc_colormap()
+
+
+def _palette_values(im: Image.Image) -> np.ndarray:
+    """A palette image's values: its indices when they are class ids (the VOC colour map, or a grey ramp
+    i -> (i, i, i)), else its colours' greyscale (PIL's ``quantize`` puts any colour at any index)."""
+    indices = np.asarray(im)
+    palette = np.asarray(im.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    if used.size and used.max() < len(palette):
+        colours = palette[used]
+        grey_ramp = np.repeat(used[:, None], 3, axis=1)
+        if np.array_equal(colours, _VOC_COLOURS[used]) or np.array_equal(colours, grey_ramp):
+            return indices
+    return _alpha_or_grey(im.convert("RGBA"))
+
+
+def _alpha_or_grey(im: Image.Image) -> np.ndarray:
+    """The alpha channel when it varies and the colour does not (an object only in alpha), else ``L``."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(im.getchannel("A"))
+        grey = np.asarray(im.convert("L"))
+        if alpha.min() != alpha.max() and grey.min() == grey.max():
+            return alpha
+    return np.asarray(im.convert("L"))
+
+
+def _pil_mask_values(im: Image.Image) -> np.ndarray:
+    if im.mode == "1":
+        return np.asarray(im, dtype=bool)
+    if im.mode == "P":
+        return _palette_values(im)
+    if im.mode == "L" or im.mode in _SIXTEEN_BIT or im.mode == "I":
+        return np.asarray(im)
+    return _alpha_or_grey(im)
+
+
+def read_user_mask_and_rule(source: MaskInput, what: str = "mask") -> tuple[np.ndarray, str]:
+    """(``[H, W]`` uint8 in {0, 1, 255}: 1 = object, 255 = ignore; the rule of :func:`mask_rule` used)."""
     name = describe(source, what)
     if isinstance(source, (str, os.PathLike)):
         source = _open(source, what)
     elif isinstance(source, Image.Image):
         source = ImageOps.exif_transpose(source) or source
     if isinstance(source, Image.Image):
-        if source.mode == "1":
-            values = np.asarray(source, dtype=bool)
-        elif source.mode in ("L", "P") or source.mode in _SIXTEEN_BIT or source.mode == "I":
-            values = np.asarray(source)
-        else:
-            values = np.asarray(source.convert("L"))
-        return mask_from_values(values, name)
+        return mask_and_rule(_pil_mask_values(source), name)
     if isinstance(source, np.ndarray):
-        return mask_from_values(source, name)
+        return mask_and_rule(source, name)
     raise DatasetError(f"{what}: expected a path, a PIL image or a numpy array, got {type(source).__name__}")
+
+
+def read_user_mask(source: MaskInput, what: str = "mask") -> np.ndarray:
+    """``[H, W]`` uint8 in {0, 1, 255} (1 = object, 255 = ignore) from a mask file, PIL image or array."""
+    return read_user_mask_and_rule(source, what)[0]
 
 
 def check_same_size(mask: np.ndarray, image: np.ndarray, mask_name: str, image_name: str) -> None:
@@ -148,6 +258,16 @@ def require_object(mask: np.ndarray, name: str) -> None:
         raise DatasetError(f"{name} marks no object pixel ({MASK_CONVENTION})")
 
 
+def require_object_resized(label: np.ndarray, name: str, size: int) -> None:
+    """Refuse a support mask whose object vanished when resized to the model input (a thin object in a
+    large photo): :func:`require_object` saw it at full size."""
+    if not (label == 1).any():
+        raise DatasetError(
+            f"{name} marks no object pixel once resized to the model input ({size} px long side): mark a "
+            "larger region or use a larger image size"
+        )
+
+
 def image_extensions() -> frozenset[str]:
     """File extensions PIL can open here (``.jpg``, ``.png``, ``.webp``, ...), lower case."""
     Image.init()
@@ -159,6 +279,20 @@ def is_mask_file(path: Path) -> bool:
     return path.stem.endswith("_mask")
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under ``folder``, symbolic links to folders followed, each real folder visited once."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root, name) for name in files]
+    return found
+
+
 def scan_images(
     folder: Path, recursive: bool = False, exclude: Path | None = None
 ) -> tuple[list[Path], list[Path]]:
@@ -167,12 +301,13 @@ def scan_images(
 
     Hidden files (``.name``: editor and OS leftovers, our own ``.tmp`` files) and masks (``*_mask.*``) are
     neither; so is everything under ``exclude`` (an output folder inside the input folder). A file whose
-    extension PIL does not open is unsupported.
+    extension PIL does not open is unsupported. ``recursive`` follows symbolically linked sub-folders
+    (each real folder once: a link back up is no loop).
     """
     exts = image_extensions()
     skip = exclude.resolve() if exclude is not None else None
     images, unsupported = [], []
-    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+    for p in sorted(_walk(folder) if recursive else folder.iterdir()):
         if not p.is_file() or p.name.startswith(".") or is_mask_file(p):
             continue
         if skip is not None and p.resolve().is_relative_to(skip):

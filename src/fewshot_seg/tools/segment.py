@@ -10,7 +10,9 @@ displayed size; sub-folders kept; two queries that would share a name keep their
 whose mask exists (``--overwrite`` redoes them); masks are written atomically, so an interrupted run
 never leaves a half-written mask that a later run would skip. A query that cannot be read is reported
 by name, every other one is written, and the exit status is then 1; a bad checkpoint or support stops
-with one line and exit status 2.
+with one line and exit status 2. ``OUT`` belongs to one run (``segment_run``: the run record
+``segment_run.json`` refuses another checkpoint, other supports, size or precision without
+``--overwrite``; the lock ``.segment.lock``; ``--overlay`` draws the overlays finished masks lack).
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from fewshot_seg.errors import DatasetError
 from fewshot_seg.outputs import MASK_SUFFIX, OVERLAY_SUFFIX, OutputNames, check_output_folder, save_png_atomic
 from fewshot_seg.segmenter import Segmenter, Supports
 from fewshot_seg.tools.common import USER_ERRORS, ToolError, load_segmenter, model_tool_parser
+from fewshot_seg.tools.segment_run import (
+    SINGLE_CLASS,
+    check_queries_not_out,
+    check_run_record,
+    check_support_order,
+    draw_missing_overlays,
+    finished_fraction,
+    lock_output,
+    report_mask_rules,
+    run_record,
+)
 from fewshot_seg.user_images import read_user_image, scan_images
 from fewshot_seg.visualize import mask_image, prediction_overlay
 
@@ -72,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, help="queries per forward pass (default: 8 on a GPU, 1 on a CPU)"
     )
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
-    parser.add_argument("--overwrite", action="store_true", help="redo queries whose mask exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo queries whose mask exists; also into a folder another run (checkpoint, supports, "
+        "size, precision) made",
+    )
     return parser.parse_args(argv)
 
 
@@ -119,9 +136,9 @@ def segment_folder(
     """Segment ``queries`` in batches, setting each one's ``status`` (written / exists / failed: why)."""
     todo = []
     for q in queries:
-        if q.mask.is_file() and not overwrite:
-            q.status = "exists"
-            q.fraction = float((np.asarray(Image.open(q.mask)) > 0).mean())
+        fraction = None if overwrite else finished_fraction(q.mask)  # an unreadable mask is redone
+        if fraction is not None:
+            q.status, q.fraction = "exists", fraction
         else:
             todo.append(q)
     batch_size = batch_size or segmenter.default_batch_size
@@ -160,16 +177,27 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ToolError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_folder(out)
+    check_queries_not_out(args.queries, out)
+    check_support_order(args.support)
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
         raise DatasetError(f"no query image found in {' '.join(args.queries)}")
-    segmenter = load_segmenter(args)
-    images, masks = zip(*args.support)
-    supports = segmenter.encode_supports(list(images), list(masks))
+    lock = lock_output(out)
     try:
-        segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
+        segmenter = load_segmenter(args)
+        images, masks = zip(*args.support)
+        print("\n".join(report_mask_rules(masks)))
+        supports = segmenter.encode_supports(list(images), list(masks))
+        record = run_record(args.ckpt, {SINGLE_CLASS: args.support}, segmenter.image_size, args.precision)
+        check_run_record(out, record, args.overwrite)
+        try:
+            segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
+            if args.overlay:
+                draw_missing_overlays(queries)
+        finally:
+            manifest = write_manifest(queries, out)
     finally:
-        manifest = write_manifest(queries, out)
+        lock.release()
     counts = Counter(q.status.split(":")[0] for q in queries)
     print(
         f"{counts['written']} mask(s) written, {counts['exists']} already there (--overwrite redoes them), "

@@ -36,6 +36,7 @@ from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 from fewshot_seg.models.mm_forward import propose
 from fewshot_seg.user_images import (
     ImageInput,
+    Letterbox,
     MaskInput,
     check_same_size,
     describe,
@@ -337,6 +338,26 @@ def collect_examples(
     return result
 
 
+def check_at_model_size(classes: ClassExamples, image_size: int) -> None:
+    """Every support mask still marks an object pixel once letterboxed to the model input.
+
+    A few pixels in a large photo can vanish at ``image_size``: checked before any encoding, so that a
+    command line (one process or every DDP rank alike) stops in one line before it starts the model.
+
+    Raises:
+        DatasetError: naming the support mask and the model input size.
+    """
+    transform = Letterbox(image_size)
+    for name in classes.names:
+        for ex in classes.examples[name]:
+            _, label, _ = transform(ex.image, ex.mask)
+            if not (label == 1).any():
+                raise DatasetError(
+                    f"{ex.name} marks no object pixel once resized to the model input "
+                    f"({image_size} px long side): mark a larger region or use a larger image size"
+                )
+
+
 def examples_from_folder(root: str | os.PathLike) -> ClassExamples:
     """The supports of a ``--supports DIR`` tree.
 
@@ -385,6 +406,7 @@ __all__ = [
     "ClassSegmentation",
     "EncodedClasses",
     "Example",
+    "check_at_model_size",
     "check_class_names",
     "class_segmentation",
     "collect_examples",

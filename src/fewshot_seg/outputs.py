@@ -5,19 +5,21 @@ Naming (:class:`OutputNames`): an input ``sub/a.jpg`` gives ``sub/a_mask.png`` (
 two inputs that would share a name keep their extension (``a.jpg_mask.png``, ``a.png_mask.png``); the
 same input named again (a repeated episode, a second upload of one file) gets ``-2``, ``-3``, ...
 ``predict`` puts the episode's class after the name (``a_c1_mask.png``): one query may be predicted for
-several classes. Files are written under a temporary name ``.<name>.tmp`` in the same folder and renamed,
-so an interrupted run never leaves a half-written mask that a later run would take as done.
+several classes. Files are written under a temporary name ``.<name>.<pid>.tmp`` in the same folder and
+renamed (``fewshot_seg.atomic``), so an interrupted run never leaves a half-written mask that a later run
+would take as done.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
+
+from fewshot_seg.atomic import write_atomic
 
 MASK_SUFFIX = "_mask.png"
 OVERLAY_SUFFIX = "_overlay.png"
@@ -58,11 +60,9 @@ class OutputNames:
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write ``image`` as PNG at ``path`` (parents created) through ``.<name>.tmp`` and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write ``image`` as PNG at ``path`` (parents created) by ``fewshot_seg.atomic.write_atomic``: the one
+    atomic writer (a temporary ``.<name>.<pid>.tmp`` beside it, then a rename)."""
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def check_output_folder(folder: Path, inputs: Path | None = None, overwrite: bool = True) -> None:

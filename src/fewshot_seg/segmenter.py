@@ -44,6 +44,7 @@ from fewshot_seg.multiclass import (
     EncodedClasses,
     IndexedExamples,
     NamedExamples,
+    check_at_model_size,
     class_segmentation,
     collect_examples,
     match_classes,
@@ -258,15 +259,9 @@ class Segmenter:
         if not isinstance(classes, ClassExamples):
             classes = collect_examples(classes, indexed, class_names)
         encoded = []
+        check_at_model_size(classes, self.image_size)
         for name in classes.names:
             examples = classes.examples[name]
-            for ex in examples:
-                _, label, _ = self._transform(ex.image, ex.mask)
-                if not (label == 1).any():
-                    raise DatasetError(
-                        f"{ex.name} marks no object pixel once resized to the model input "
-                        f"({self.image_size} px long side): mark a larger region or use a larger image size"
-                    )
             encoded.append(self.encode_supports([e.image for e in examples], [e.mask for e in examples]))
         return EncodedClasses(names=tuple(classes.names), supports=tuple(encoded), image_size=self.image_size)
 

@@ -11,8 +11,9 @@ process group exists, so a bad input stops every rank with the same one line. Th
 * ``on_predict_start``: the supports are encoded once, on the rank's device;
 * ``predict_step``: a batch read and labelled (``segment_classes.segment_batch``), written by a
   ``BasePredictionWriter`` with ``write_interval="batch"`` into the rank's own record file;
-* after the loop, a barrier, and rank 0 folds every rank's records into ``manifest.csv`` and
-  ``annotations.json`` (``segment_record.finish``); the exit status is broadcast to every rank.
+* after the loop (not in its end hook, which a rank with an empty share skips), a barrier, and rank 0
+  folds every rank's records into ``manifest.csv`` and ``annotations.json`` (``segment_record.finish``);
+  the exit status is broadcast to every rank.
 
 docs/distributed.md shows the SLURM and torchrun launches.
 """
@@ -72,7 +73,10 @@ class ClassSegmentModule(LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         size = self.batch_size or self.segmenter.default_batch_size
-        return DataLoader(self.share, batch_size=size, shuffle=False, collate_fn=list)  # type: ignore[arg-type]
+        batches = [self.share[i : i + size] for i in range(0, len(self.share), size)]
+        # Lightning refuses a rank whose loader is empty; one empty batch keeps it in step, writing nothing
+        # (padding with a repeated query would write that query twice).
+        return DataLoader(batches or [[]], batch_size=None, shuffle=False, collate_fn=_as_is)  # type: ignore[arg-type]
 
     def on_predict_start(self) -> None:
         self.classes = self.segmenter.encode_classes(self.examples)  # once per rank, on its device
@@ -82,18 +86,18 @@ class ClassSegmentModule(LightningModule):
         return segment_batch(self.segmenter, self.classes, batch)
 
 
-class ClassPredictionWriter(BasePredictionWriter):
-    """Writes each batch as it comes (label PNGs, overlays, the rank's record lines); at the end of the
-    loop, while the process group still stands, rank 0 folds every rank's records (after a barrier)."""
+def _as_is(batch: list[Query]) -> list[Query]:
+    """The loader's items are whole batches of queries, built by ``predict_dataloader``."""
+    return batch
 
-    def __init__(
-        self, args: argparse.Namespace, out: Path, queries: list[Query], names: list[str], coco: bool
-    ) -> None:
+
+class ClassPredictionWriter(BasePredictionWriter):
+    """Writes each batch as it comes: label PNGs, overlays, the rank's record lines."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, names: list[str], coco: bool) -> None:
         super().__init__(write_interval="batch")
-        self.args, self.out, self.queries, self.names, self.coco = args, out, queries, names, coco
+        self.args, self.out, self.names, self.coco = args, out, names, coco
         self.outputs: ClassOutputs | None = None
-        self.summary: RunSummary | None = None
-        self.status = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         part = PartWriter(self.out, trainer.global_rank)
@@ -112,14 +116,9 @@ class ClassPredictionWriter(BasePredictionWriter):
         assert self.outputs is not None
         self.outputs.write_batch(prediction)
 
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert self.outputs is not None
-        self.outputs.part.close()
-        trainer.strategy.barrier("segment-merge")  # every rank's record lines are complete
-        if trainer.is_global_zero:
-            self.summary = finish(self.out, self.queries, self.names, self.coco)
-        failed = self.summary is not None and bool(self.summary.failed)
-        self.status = int(trainer.strategy.broadcast(1 if failed else 0, src=0))
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.outputs is not None:  # also on a rank whose share is empty (Lightning skips its loop hooks)
+            self.outputs.part.close()
 
 
 def accelerator(device: str) -> str:
@@ -140,7 +139,7 @@ def run_distributed(
     segmenter = load_segmenter(argparse.Namespace(**{**vars(args), "device": "cpu"}))
     check_at_model_size(examples, segmenter.image_size)  # before any rank starts: one line, every rank
     module = ClassSegmentModule(segmenter, examples, queries, out, coco, args.overwrite, args.batch_size)
-    writer = ClassPredictionWriter(args, out, queries, examples.names, coco)
+    writer = ClassPredictionWriter(args, out, examples.names, coco)
     processes = args.devices * args.num_nodes
     trainer = Trainer(
         accelerator=accelerator(args.device),
@@ -155,7 +154,13 @@ def run_distributed(
         default_root_dir=out,
     )
     trainer.predict(module, return_predictions=False)
-    return writer.summary, writer.status
+    # After the loop, not in its end hook: a rank with an empty share skips the loop's hooks. The process
+    # group outlives trainer.predict (DDPStrategy.teardown does not destroy it).
+    strategy = trainer.strategy
+    strategy.barrier("segment-merge")  # every rank's record lines are complete
+    summary = finish(out, queries, examples.names, coco) if trainer.is_global_zero else None
+    status = strategy.broadcast(1 if summary is not None and summary.failed else 0, src=0)
+    return summary, int(status)
 
 
 __all__ = ["ClassPredictionWriter", "ClassSegmentModule", "run_distributed"]

@@ -246,7 +246,11 @@ def test_bad_inputs_one_line_exit_2(sharp_ckpt: Path, episode: dict, tmp_path: P
                                 str(tmp_path / "big_mask.png")], "marks no object pixel once resized"),
         "coco without classes": (["--support", str(img), str(mask), "--format", "coco"],
                                  "--format need(s) named classes"),
+        "other classes in OUT": (["--class", "left", str(img), str(mask)], "has the classes ['x'], this run"),
     }  # fmt: skip
+    (tmp_path / f"out{len(cases) - 1}").mkdir()
+    other = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / f"out{len(cases) - 1}" / "annotations.json").write_text(json.dumps(other))
     for k, (args, message) in enumerate(cases.values()):
         out = tmp_path / f"out{k}"
         assert main([*base, *args, "--out", str(out)]) == 2

@@ -43,6 +43,7 @@ from fewshot_seg.tools.segment import MANIFEST, Query, report_problems
 from fewshot_seg.tools.segment_record import (
     PartWriter,
     RunSummary,
+    check_annotations,
     finish,
     fold_leftovers,
     pending,
@@ -157,6 +158,8 @@ def run_classes(args: argparse.Namespace, out: Path, queries: list[Query], skipp
     """``fewshot-seg segment`` with classes; exit status as the 1-class form (0, or 1 when a query failed)."""
     examples = read_examples(args)
     coco = args.format != "png"
+    if coco:  # an annotations.json of other classes stops every process alike, before the model loads
+        check_annotations(out, examples.names)
     if args.devices is not None:
         # Lightning only when --devices asks for it: the 1-process path stays free of it.
         from fewshot_seg.tools.segment_ddp import run_distributed

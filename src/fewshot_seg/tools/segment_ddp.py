@@ -24,13 +24,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from fewshot_seg.multiclass import ClassExamples, EncodedClasses, check_at_model_size
 from fewshot_seg.segmenter import Segmenter
-from fewshot_seg.tools.common import load_segmenter
+from fewshot_seg.tools.common import ToolError, load_segmenter
 from fewshot_seg.tools.segment import Query
 from fewshot_seg.tools.segment_classes import ClassOutputs, Item, segment_batch
 from fewshot_seg.tools.segment_record import PartWriter, RunSummary, finish, fold_leftovers, pending
@@ -135,6 +136,8 @@ def run_distributed(
         (the summary on rank 0, None elsewhere; the exit status, the same on every rank: 1 if a query
         failed, else 0).
     """
+    if accelerator(args.device) == "gpu" and not torch.cuda.is_available():
+        raise ToolError(f"--device {args.device} but no CUDA device is available here; use cpu or auto")
     # Built on the CPU; Lightning moves the networks to each rank's device before the supports are encoded.
     segmenter = load_segmenter(argparse.Namespace(**{**vars(args), "device": "cpu"}))
     check_at_model_size(examples, segmenter.image_size)  # before any rank starts: one line, every rank

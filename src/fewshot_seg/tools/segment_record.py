@@ -30,6 +30,7 @@ import numpy as np
 
 from fewshot_seg.atomic import write_atomic
 from fewshot_seg.multiclass import read_index_mask
+from fewshot_seg.outputs import OutputError
 from fewshot_seg.tools.segment import MANIFEST
 
 PARTS_FOLDER = ".segment-parts"
@@ -105,6 +106,20 @@ def fold_annotations(out: Path, names: Sequence[str], records: Sequence[dict[str
             coco.add_annotations(rec["file_name"], rec["width"], rec["height"], rec["annotations"])
     coco.write(out / ANNOTATIONS_FILE)
     return coco
+
+
+def check_annotations(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before any work, an ``annotations.json`` in ``out`` that cannot be completed by this run.
+
+    Raises:
+        OutputError: one line naming the file: unreadable, or made for other classes (both lists named).
+    """
+    from fewshot_seg.coco_export import ANNOTATIONS_FILE, AnnotationsError, CocoAnnotations
+
+    try:
+        CocoAnnotations.load_or_new(out / ANNOTATIONS_FILE, names)
+    except AnnotationsError as err:
+        raise OutputError(str(err)) from err
 
 
 def annotated_names(out: Path, names: Sequence[str]) -> set[str]:
@@ -212,6 +227,7 @@ __all__ = [
     "PARTS_FOLDER",
     "PartWriter",
     "RunSummary",
+    "check_annotations",
     "finish",
     "fold_leftovers",
     "manifest_fields",

@@ -301,11 +301,20 @@ def test_two_processes_write_each_query_once_and_equal_one(
     _check_coco(two)  # unique ids, each annToMask union equal to its PNG
     assert not (two / PARTS_FOLDER).exists()
 
-    # Resume with 2 processes: only the query added since is segmented, ids stay unique.
+    # Resume with 2 processes after a kill -9 (rank 1's record file left, torn last line): the record is
+    # folded in, only the query added since is segmented, ids stay unique.
+    (two / PARTS_FOLDER).mkdir()
+    record = {"query": "x", "file_name": "e.jpg", "status": "written", "width": 2, "height": 1}
+    (two / PARTS_FOLDER / "rank1.jsonl").write_text(json.dumps({**record, "annotations": []}) + '\n{"qu')
     shutil.copy(episode["extra"], episode["root"] / "q" / "d.jpg")
     try:
         stdout = _two_processes(_class_args(episode, sharp_ckpt, two, "--instances"), tmp_path)
     finally:
         (episode["root"] / "q" / "d.jpg").unlink()
     assert "1 label map(s) written, 3 already there" in stdout
-    assert sorted(_check_coco(two).dataset["images"], key=lambda im: im["id"])[-1]["file_name"] == "d.jpg"
+    data = json.loads((two / "annotations.json").read_text())
+    assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
+    images = sorted(data["images"], key=lambda im: im["id"])
+    names = [im["file_name"] for im in images]  # rank 0's queries first, then rank 1's, then the resumed
+    assert sorted(names[:3]) == ["a.jpg", "c.jpg", "sub/b.jpg"] and names[3:] == ["e.jpg", "d.jpg"]
+    assert not (two / PARTS_FOLDER).exists()

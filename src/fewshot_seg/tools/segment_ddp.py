@@ -100,10 +100,6 @@ class ClassPredictionWriter(BasePredictionWriter):
         self.args, self.out, self.names, self.coco = args, out, names, coco
         self.outputs: ClassOutputs | None = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        part = PartWriter(self.out, trainer.global_rank)
-        self.outputs = ClassOutputs(self.names, part, self.args.overlay, self.coco, self.args.instances)
-
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -114,11 +110,15 @@ class ClassPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        assert self.outputs is not None
+        if self.outputs is None:
+            # Opened at the first batch, not in ``setup``: Lightning sets callbacks up before the module,
+            # whose setup folds (and removes) a killed run's record files on rank 0.
+            part = PartWriter(self.out, trainer.global_rank)
+            self.outputs = ClassOutputs(self.names, part, self.args.overlay, self.coco, self.args.instances)
         self.outputs.write_batch(prediction)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.outputs is not None:  # also on a rank whose share is empty (Lightning skips its loop hooks)
+        if self.outputs is not None:
             self.outputs.part.close()
 
 

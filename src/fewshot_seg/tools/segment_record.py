@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,15 @@ def part_path(out: Path, rank: int) -> Path:
     return out / PARTS_FOLDER / f"rank{rank}.jsonl"
 
 
+def _ends_without_newline(path: Path) -> bool:
+    """Whether ``path`` exists and its last byte is not a newline (read alone: the file may be large)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class PartWriter:
     """Appends one JSON line per query to ``OUT/.segment-parts/rank<r>.jsonl`` (flushed per line)."""
 
@@ -48,7 +58,7 @@ class PartWriter:
         self.path = part_path(out, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        torn = _ends_without_newline(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held for the whole run)
         if torn:  # a killed run's last line: end it, so that it stays one ignored line
             self._file.write("\n")

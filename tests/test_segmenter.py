@@ -61,7 +61,7 @@ def test_equals_predict(segmenter: Segmenter, stage2_ckpt: Path, tmp_path: Path)
     supports = segmenter.encode_supports(files["supports"], files["masks"])
     masks = segmenter.segment(files["queries"], supports, batch_size=1)
     for query, mask in zip(files["queries"], masks):
-        written = np.array(Image.open(tmp_path / "png" / f"{query.name}_c1_mask.png")) // 255
+        written = np.array(Image.open(tmp_path / "png" / f"{query.stem}_c1_mask.png")) // 255  # stems unique
         assert mask.dtype == np.uint8 and mask.shape == written.shape
         assert np.array_equal(mask, written), query.name
     assert masks[3].shape == (60, 50)  # displayed size of the EXIF-rotated query

@@ -36,6 +36,7 @@ from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 from fewshot_seg.models.mm_forward import propose
 from fewshot_seg.user_images import (
     ImageInput,
+    Letterbox,
     MaskInput,
     check_same_size,
     describe,
@@ -44,6 +45,7 @@ from fewshot_seg.user_images import (
     read_user_image,
     read_user_mask,
     require_object,
+    require_object_resized,
 )
 
 MAX_CLASSES = 254
@@ -337,6 +339,21 @@ def collect_examples(
     return result
 
 
+def check_at_model_size(classes: ClassExamples, image_size: int) -> None:
+    """Every support mask still marks an object pixel once letterboxed to the model input.
+
+    A few pixels in a large photo can vanish at ``image_size``: checked before any encoding, so that a
+    command line (one process or every DDP rank alike) stops in one line before it starts the model.
+
+    Raises:
+        DatasetError: naming the support mask and the model input size.
+    """
+    transform = Letterbox(image_size)
+    for name in classes.names:
+        for ex in classes.examples[name]:
+            require_object_resized(transform(ex.image, ex.mask)[1], ex.name, image_size)
+
+
 def examples_from_folder(root: str | os.PathLike) -> ClassExamples:
     """The supports of a ``--supports DIR`` tree.
 
@@ -385,6 +402,7 @@ __all__ = [
     "ClassSegmentation",
     "EncodedClasses",
     "Example",
+    "check_at_model_size",
     "check_class_names",
     "class_segmentation",
     "collect_examples",

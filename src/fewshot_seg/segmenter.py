@@ -45,6 +45,7 @@ from fewshot_seg.multiclass import (
     EncodedClasses,
     IndexedExamples,
     NamedExamples,
+    check_at_model_size,
     class_segmentation,
     collect_examples,
     match_classes,
@@ -278,10 +279,9 @@ class Segmenter:
         if not isinstance(classes, ClassExamples):
             classes = collect_examples(classes, indexed, class_names)
         encoded = []
+        check_at_model_size(classes, self.image_size)
         for name in classes.names:
             examples = classes.examples[name]
-            for ex in examples:  # named as the class's support (encode_supports names it by position)
-                require_object_resized(self._transform(ex.image, ex.mask)[1], ex.name, self.image_size)
             encoded.append(self.encode_supports([e.image for e in examples], [e.mask for e in examples]))
         return EncodedClasses(names=tuple(classes.names), supports=tuple(encoded), image_size=self.image_size)
 

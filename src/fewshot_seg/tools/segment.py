@@ -13,6 +13,12 @@ by name, every other one is written, and the exit status is then 1; a bad checkp
 with one line and exit status 2. ``OUT`` belongs to one run (``segment_run``: the run record
 ``segment_run.json`` refuses another checkpoint, other supports, size or precision without
 ``--overwrite``; the lock ``.segment.lock``; ``--overlay`` draws the overlays finished masks lack).
+
+with one line and exit status 2.
+
+With named classes (``--class NAME IMAGE MASK``, ``--supports DIR``, ``--class-names`` / ``--classes-file``)
+the run is the class flow of ``tools/segment_classes.py``: palette label PNGs, a fraction column per
+class, COCO ``annotations.json``, and ``--devices N`` for several processes (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from fewshot_seg.errors import DatasetError
 from fewshot_seg.outputs import MASK_SUFFIX, OVERLAY_SUFFIX, OutputNames, check_output_folder, save_png_atomic
 from fewshot_seg.segmenter import Segmenter, Supports
 from fewshot_seg.tools.common import USER_ERRORS, ToolError, load_segmenter, model_tool_parser
+from fewshot_seg.tools.segment_options import add_class_options, check_class_options, uses_classes
 from fewshot_seg.tools.segment_run import (
     SINGLE_CLASS,
     check_queries_not_out,
@@ -42,6 +49,7 @@ from fewshot_seg.tools.segment_run import (
     lock_output,
     report_mask_rules,
     run_record,
+    support_file_hashes,
 )
 from fewshot_seg.user_images import read_user_image, scan_images
 from fewshot_seg.visualize import mask_image, prediction_overlay
@@ -59,6 +67,7 @@ class Query:
     mask: Path
     status: str = ""
     fraction: float | None = None
+    rel: str = ""  # the query's path relative to its --queries folder (its COCO file_name)
 
     @property
     def overlay(self) -> Path:
@@ -74,9 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--support",
         nargs=2,
         action="append",
-        required=True,
         metavar=("IMAGE", "MASK"),
-        help="a support image and its mask; repeat for K shots",
+        help="a support image and its mask; repeat for K shots (a class-index mask with --class-names)",
     )
     parser.add_argument("--queries", nargs="+", required=True, help="query image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder (created)")
@@ -90,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="redo queries whose mask exists; also into a folder another run (checkpoint, supports, "
         "size, precision) made",
     )
+    add_class_options(parser)
     return parser.parse_args(argv)
 
 
@@ -113,7 +122,7 @@ def collect_queries(sources: list[str], out: Path) -> tuple[list[Query], list[st
     queries = []
     for f, rel in found:
         stem = names.stem(rel)
-        queries.append(Query(f, stem, out / f"{stem}{MASK_SUFFIX}"))
+        queries.append(Query(f, stem, out / f"{stem}{MASK_SUFFIX}", rel=rel))
     return queries, skipped
 
 
@@ -176,19 +185,35 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.batch_size is not None and args.batch_size < 1:
         raise ToolError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_class_options(args)
     check_output_folder(out)
     check_queries_not_out(args.queries, out)
     check_support_order(args.support)
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
         raise DatasetError(f"no query image found in {' '.join(args.queries)}")
+    if uses_classes(args) and args.devices is not None:
+        # Every process of a --devices run starts here (Lightning re-runs the command per rank): one lock
+        # would refuse the others, so a multi-process run takes neither the lock nor the run record.
+        from fewshot_seg.tools.segment_classes import run_classes
+
+        return run_classes(args, out, queries, skipped)
     lock = lock_output(out)
+    if uses_classes(args):  # the class flow imports this module's Query and reporting: imported here
+        from fewshot_seg.tools.segment_classes import run_classes
+
+        try:
+            return run_classes(args, out, queries, skipped)
+        finally:
+            lock.release()
     try:
         segmenter = load_segmenter(args)
         images, masks = zip(*args.support)
         print("\n".join(report_mask_rules(masks)))
         supports = segmenter.encode_supports(list(images), list(masks))
-        record = run_record(args.ckpt, {SINGLE_CLASS: args.support}, segmenter.image_size, args.precision)
+        record = run_record(
+            args.ckpt, support_file_hashes({SINGLE_CLASS: args.support}), segmenter.image_size, args.precision
+        )
         check_run_record(out, record, args.overwrite)
         try:
             segment_folder(segmenter, supports, queries, args.batch_size, args.overlay, args.overwrite)
@@ -203,12 +228,19 @@ def run(args: argparse.Namespace) -> int:
         f"{counts['written']} mask(s) written, {counts['exists']} already there (--overwrite redoes them), "
         f"{counts['failed']} failed; manifest: {manifest}"
     )
+    failed = [
+        (str(q.path), q.status.removeprefix("failed: ")) for q in queries if q.status.startswith("failed")
+    ]
+    report_problems(skipped, failed)
+    return 1 if failed else 0
+
+
+def report_problems(skipped: list[str], failed: list[tuple[str, str]]) -> None:
+    """The files skipped (stdout) and each failed query with its reason (stderr), after the summary."""
     if skipped:
         print(f"{len(skipped)} file(s) skipped, not an image format PIL reads: {', '.join(skipped)}")
-    failed = [q for q in queries if q.status.startswith("failed")]
-    for q in failed:
-        print(f"  {q.path}: {q.status.removeprefix('failed: ')}", file=sys.stderr)
-    return 1 if failed else 0
+    for path, why in failed:
+        print(f"  {path}: {why}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from PIL import Image
 from fewshot_seg.atomic import write_text_atomic
 from fewshot_seg.errors import DatasetError, reading
 from fewshot_seg.folder_lock import RunFolderError, RunLock
+from fewshot_seg.multiclass import ClassExamples
 from fewshot_seg.outputs import OUTPUT_SUFFIXES, OutputError, save_png_atomic
 from fewshot_seg.tools.common import ToolError
 from fewshot_seg.user_images import MAX_CLASS_VALUES, is_mask_file, read_user_image, read_user_mask_and_rule
@@ -103,16 +104,42 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_record(ckpt: str | os.PathLike, supports: SupportFiles, image_size: int, precision: str) -> dict:
-    """What makes a folder's masks: compared with the folder's record on a re-run."""
+def run_record(
+    ckpt: str | os.PathLike, classes: Mapping[str, list[list[str]]], image_size: int, precision: str
+) -> dict:
+    """What makes a folder's masks: compared with the folder's record on a re-run.
+
+    Args:
+        classes: per class name, one ``[image hash, mask hash]`` per support (:func:`support_file_hashes`
+            for files named on the command line, :func:`support_array_hashes` for supports read by class).
+    """
     return {
         "checkpoint": {"sha256": file_hash(ckpt), "bytes": os.path.getsize(ckpt)},
-        "classes": {
-            name: [[file_hash(image), file_hash(mask)] for image, mask in pairs]
-            for name, pairs in supports.items()
-        },
+        "classes": {name: [list(pair) for pair in pairs] for name, pairs in classes.items()},
         "image_size": int(image_size),
         "precision": str(precision),
+    }
+
+
+def support_file_hashes(supports: SupportFiles) -> dict[str, list[list[str]]]:
+    """Per class, the ``[image, mask]`` file hashes of its supports."""
+    return {
+        name: [[file_hash(image), file_hash(mask)] for image, mask in pairs]
+        for name, pairs in supports.items()
+    }
+
+
+def support_array_hashes(examples: ClassExamples) -> dict[str, list[list[str]]]:
+    """Per class, the hashes of its supports as read (a class-index mask gives each class its own mask)."""
+
+    def digest(array: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes() + str(array.shape).encode()).hexdigest()[
+            :16
+        ]
+
+    return {
+        name: [[digest(ex.image), digest(ex.mask)] for ex in examples.examples[name]]
+        for name in examples.names
     }
 
 

@@ -318,3 +318,23 @@ def test_two_processes_write_each_query_once_and_equal_one(
     names = [im["file_name"] for im in images]  # rank 0's queries first, then rank 1's, then the resumed
     assert sorted(names[:3]) == ["a.jpg", "c.jpg", "sub/b.jpg"] and names[3:] == ["e.jpg", "d.jpg"]
     assert not (two / PARTS_FOLDER).exists()
+
+
+def test_class_run_refuses_a_folder_another_run_made(
+    sharp_ckpt: Path, episode: dict, tmp_path: Path, capsys
+) -> None:
+    """The class flow records its run (segment_run.json) as the 1-class form does: other supports for the
+    same class names are refused without --overwrite, and a 1-class run cannot add masks to the folder."""
+    out = tmp_path / "out"
+    assert main(_class_args(episode, sharp_ckpt, out)) == 0
+    record = json.loads((out / "segment_run.json").read_text())
+    assert list(record["classes"]) == list(NAMES)
+    (name_a, img_a, mask_a), (name_b, img_b, mask_b) = episode["supports"][:2]
+    swapped = dict(episode, supports=[(name_a, img_b, mask_b), (name_b, img_a, mask_a)])
+    capsys.readouterr()
+    assert main(_class_args(swapped, sharp_ckpt, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs: classes" in err[0] and "--overwrite" in err[0]
+    assert main(_class_args(swapped, sharp_ckpt, out, "--overwrite")) == 0
+    single = ["--ckpt", str(sharp_ckpt), "--support", str(img_a), str(mask_a)]
+    assert main([*single, "--queries", str(episode["root"] / "q"), "--out", str(out), "--device", "cpu"]) == 2

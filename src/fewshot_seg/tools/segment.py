@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     check_class_options(args)
     check_output_folder(out)
     check_queries_not_out(args.queries, out)
-    check_support_order(args.support)
+    check_support_order(args.support or [])
     queries, skipped = collect_queries(args.queries, out)
     if not queries:
         raise DatasetError(f"no query image found in {' '.join(args.queries)}")

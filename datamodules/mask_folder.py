@@ -125,9 +125,8 @@ class MaskFolderDataModule(OwnClassesDataModule):
         folder = self.root / "splits"
         if not folder.is_dir():
             return None
-        out: dict[str, list[str]] = {}
+        lists: dict[str, tuple[Path, list[str]]] = {}
         seen: dict[str, Path] = {}
-        masks = self.files[1]
         for split in SPLITS:
             path = folder / f"{split}.txt"
             if not path.is_file():
@@ -136,10 +135,14 @@ class MaskFolderDataModule(OwnClassesDataModule):
                 continue
             # A name with its image suffix ("a.jpg") is the name "a".
             names = [_stem(line.strip()) for line in path.read_text().splitlines() if line.strip()]
-            for n in names:
+            for n in names:  # an image in two splits would be trained on and tested on
                 if n in seen:
                     raise DatasetError(f"{path}: image {n!r} is listed again (already in {seen[n]})")
                 seen[n] = path
+            lists[split] = (path, names)
+        masks = self.files[1]
+        out: dict[str, list[str]] = {}
+        for split, (path, names) in lists.items():
             missing = [(n, str(self.root / "images" / f"{n}.<ext>")) for n in names if n not in masks]
             out[split] = drop_missing(names, missing, self.missing_images, str(path))
         return out

@@ -38,6 +38,10 @@ DATAMODULE_coco := Coco20iDataModule
 DEFAULT_ROOT_synthetic := data/synthetic
 DEFAULT_ROOT_pascal := data/VOCdevkit/VOC2012
 DEFAULT_ROOT_coco := data/coco
+DATAMODULE_coco_format := CocoFormatDataModule
+DATAMODULE_mask_folder := MaskFolderDataModule
+DEFAULT_ROOT_coco_format := data/my_coco_export
+DEFAULT_ROOT_mask_folder := data/my_masks
 TRAIN_FOLD = $(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
 	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES)) $(if $(FORCE),--force) \
 	$(if $(DATA),--data-config $(DATA)) $(if $(STAGES),--stage-configs $(STAGES))

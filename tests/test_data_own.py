@@ -236,6 +236,8 @@ def test_missing_image_is_named_or_skipped(coco: Path) -> None:
         (lambda d: d["annotations"][3].update(category_id=99), r"annotation 4 has unknown category 99"),
         (lambda d: d["images"].append(dict(d["images"][2])), r"image id 25 is listed twice in 'images'"),
         (lambda d: d["annotations"][5].update(segmentation=[]), r"annotation 6 has an empty 'segmentation'"),
+        (lambda d: d["categories"].append(dict(d["categories"][1])), r"category id 17 is listed twice"),
+        (lambda d: d["categories"][1].update(name="scratch"), r"classes 3 and 17 are both named 'scratch'"),
     ],
 )
 def test_malformed_entries_are_named(coco: Path, break_it, message: str) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 from datamodules.fake import MASK_FOLDER_CLASSES, make_fake_coco_format, make_fake_mask_folder
 from fewshot_seg import cli
 from fewshot_seg.cli import main
+from fewshot_seg.lightning.checkpoints import CheckpointError
 from fewshot_seg.tools.aggregate import main as aggregate
 from fewshot_seg.tools.train_fold import main as train_fold
 
@@ -88,6 +89,10 @@ def test_mask_folder_stage1_stage2_test(tmp_path: Path) -> None:
     )
     stage1 = s1.trainer.checkpoint_callback.last_model_path
     s2_args = [*data, *cfg("stage2_mm_cpu_demo.yaml"), f"--model.init_args.stage1_checkpoint={stage1}"]
+    # Another class split on the same stage-1 model: 'debris' was a training class, refused.
+    leak = [*s2_args, "--data.init_args.novel_classes=[debris]", *STEPS, *run_dir_args(tmp_path, "leak")]
+    with pytest.raises(CheckpointError, match="allow_class_overlap"):
+        main(["fit", *leak])
     s2 = main(["fit", *s2_args, *STEPS, *run_dir_args(tmp_path, "s2")])
     assert s2.trainer.global_step == 2
     stage2 = s2.trainer.checkpoint_callback.last_model_path

@@ -2,6 +2,7 @@
 
     python benchmarks/own_data_parity.py                       # the demo size: two ~18-minute CPU runs
     python benchmarks/own_data_parity.py --max-steps 60 --test-episodes 200   # a reduced run
+    python benchmarks/own_data_parity.py --only coco_format   # one door (run both at once, then compare)
 
 Exports the synthetic set (fold 0 of ``make train-fold``) to COCO instance JSONs
 (``datamodules.export.voc_to_coco_format``: one RLE per class of an image, the 255 boundary band as a crowd
@@ -25,6 +26,7 @@ from fewshot_seg import config_dir
 from fewshot_seg.tools.train_fold import main as train_fold
 
 DEMO_STAGES = ["stage1_pos_cpu_demo.yaml", "stage2_mm_cpu_demo.yaml"]
+DOORS = ("synthetic", "coco_format")
 ROWS = (("model", "miou"), ("oracle", "oracle_miou"), ("heuristic baseline", "baseline_miou"))
 
 
@@ -39,13 +41,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="both stages (default: the demo files')")
     parser.add_argument("--test-episodes", type=int, default=None, help="default: the data YAML's (1,000)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="largest allowed mIoU difference")
+    parser.add_argument(
+        "--only",
+        choices=DOORS,
+        default=None,
+        help="train this door only (two processes can train both at once; a run with both then compares)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     generate_synthetic_voc(args.synthetic_root)  # the data_synthetic.yaml defaults; a no-op when present
-    paths = voc_to_coco_format(args.synthetic_root, args.export, SYNTHETIC_CLASSES)
+    if args.only == "synthetic":  # the export is the other door's
+        paths = {split: args.export / "annotations" / f"{split}.json" for split in ("train", "test")}
+    else:
+        paths = voc_to_coco_format(args.synthetic_root, args.export, SYNTHETIC_CLASSES)
     fold_classes = SyntheticDataModule(root=str(args.synthetic_root)).fold_novel_classes(args.fold)
     novel = [SYNTHETIC_CLASSES[c - 1] for c in fold_classes]
     common = ["--fold", str(args.fold), "--stage-configs", *DEMO_STAGES, "--no-gpu"]
@@ -66,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     coco = ["--data-config", str(config_dir() / "data_coco_format.yaml"), "--data-root", str(args.export)]
     summaries = {}
-    for door, door_args, door_extra in (("synthetic", synthetic, []), ("coco_format", coco, coco_data)):
+    for door, door_args, door_extra in zip(DOORS, (synthetic, coco), ([], coco_data), strict=True):
+        if args.only not in (None, door):
+            continue
         run_dir = args.run_dir / door
         out = train_fold([*door_args, *common, "--run-dir", str(run_dir), "--", *door_extra, *extra])
         summaries[door] = json.loads(Path(out).read_text())
+    if args.only:
+        return 0
     episodes = sum(summaries["synthetic"]["class_episodes"].values())
     print(f"\nsynthetic fold {args.fold}, 1-shot, {episodes} test episodes, through two DataModules")
     print("| mIoU | SyntheticDataModule | CocoFormatDataModule | difference |\n|---|---:|---:|---:|")

@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="both stages (default: the demo files')")
     parser.add_argument("--test-episodes", type=int, default=None, help="default: the data YAML's (1,000)")
+    parser.add_argument("--val-episodes", type=int, default=None, help="default: the data YAML's (200)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="largest allowed mIoU difference")
     parser.add_argument(
         "--only",
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--fold", str(args.fold), "--stage-configs", *DEMO_STAGES, "--no-gpu"]
     extra = [f"--trainer.max_steps={args.max_steps}"] if args.max_steps else []
     extra += [f"--data.init_args.test_episodes={args.test_episodes}"] if args.test_episodes else []
+    extra += [f"--data.init_args.val_episodes={args.val_episodes}"] if args.val_episodes else []
     synthetic = ["--dataset", "synthetic", "--data-root", str(args.synthetic_root)]
     # The synthetic YAML's sizes, so that only the door differs.
     coco_data = [

@@ -14,7 +14,7 @@ from PIL import Image
 from datamodules.fake import MASK_FOLDER_CLASSES, make_fake_coco_format, make_fake_mask_folder
 from fewshot_seg import cli
 from fewshot_seg.cli import main
-from fewshot_seg.lightning.checkpoints import CheckpointError
+from fewshot_seg.lightning.provenance import CheckpointError  # the name on this branch and on main
 from fewshot_seg.tools.aggregate import main as aggregate
 from fewshot_seg.tools.train_fold import main as train_fold
 

@@ -6,7 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-DATASET ?= synthetic
+DATA ?=
+STAGES ?=
+# DATA=<a data YAML>: the dataset whose stage files train it, from the YAML's DataModule (or set DATASET).
+DATASET_CocoFormatDataModule := coco_format
+DATASET_MaskFolderDataModule := mask_folder
+DATA_CLASS = $(if $(DATA),$(lastword $(subst ., ,$(shell grep -m1 'class_path:' $(DATA)))))
+DATASET ?= $(or $(DATASET_$(DATA_CLASS)),synthetic)
 FOLD ?= 0
 SHOT ?= 1
 SEED ?= 0
@@ -23,6 +29,7 @@ SWEEP ?= lightning_configs/sweeps/stage1_pos_cpu_demo.yaml
 SWEEP_ID ?=
 COUNT ?=
 CKPT ?=
+CLASSES ?=
 # Benchmarks whose models come from another dataset (test-fold opts in to the class-overlap report).
 TRANSFER := coco2pascal deepglobe isic2018 chestxray
 DATAMODULE_synthetic := SyntheticDataModule
@@ -31,15 +38,23 @@ DATAMODULE_coco := Coco20iDataModule
 DEFAULT_ROOT_synthetic := data/synthetic
 DEFAULT_ROOT_pascal := data/VOCdevkit/VOC2012
 DEFAULT_ROOT_coco := data/coco
+DATAMODULE_coco_format := CocoFormatDataModule
+DATAMODULE_mask_folder := MaskFolderDataModule
+DEFAULT_ROOT_coco_format := data/my_coco_export
+DEFAULT_ROOT_mask_folder := data/my_masks
 TRAIN_FOLD = $(PY) -m fewshot_seg.tools.train_fold --dataset $(DATASET) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES)) $(if $(FORCE),--force)
+	$(if $(DEVICES),--devices $(DEVICES)) $(if $(NODES),--nodes $(NODES)) $(if $(FORCE),--force) \
+	$(if $(DATA),--data-config $(DATA)) $(if $(STAGES),--stage-configs $(STAGES))
 
 .PHONY: help
 help: ## List the targets and their variables
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables (current value):"
-	@echo "  DATASET=$(DATASET)  synthetic | pascal | coco | fss1000 | lvis92i (train-fold); any data_<DATASET>.yaml (test-fold)"
+	@echo "  DATASET=$(DATASET)  synthetic | pascal | coco | fss1000 | lvis92i | coco_format | mask_folder (train-fold); any data_<DATASET>.yaml (test-fold)"
+	@echo "  DATA=$(DATA)  a data YAML instead of the dataset's, e.g. your copy of lightning_configs/data_coco_format.yaml (train-fold)"
+	@echo "  STAGES=\"$(STAGES)\"  two stage YAMLs instead of the dataset's, e.g. \"stage1_pos_cpu_demo.yaml stage2_mm_cpu_demo.yaml\""
+	@echo "  CLASSES=$(CLASSES)  1: aggregate adds the per-class IoU table (class names)"
 	@echo "  FOLD=$(FOLD) SHOT=$(SHOT) SEED=$(SEED)  one fold (train-fold, episodes)"
 	@echo "  FOLDS=\"$(FOLDS)\" SHOTS=\"$(SHOTS)\" SEEDS=\"$(SEEDS)\"  the grid of train-all"
 	@echo "  DATA_ROOT=$(DATA_ROOT)  dataset folder (default: the data YAML's root)"
@@ -95,7 +110,7 @@ test-fold: ## Test a stage-2 CKPT on DATASET (any data_<DATASET>.yaml, test-only
 
 .PHONY: aggregate
 aggregate: ## The fold summaries under runs/DATASET -> one table (runs/DATASET/summary.md + .csv)
-	$(PY) -m fewshot_seg.tools.aggregate runs/$(DATASET) -o runs/$(DATASET)/summary
+	$(PY) -m fewshot_seg.tools.aggregate runs/$(DATASET) -o runs/$(DATASET)/summary $(if $(CLASSES),--classes)
 
 .PHONY: episodes
 episodes: ## Render a PNG grid of a few episodes (DATASET, DATA_ROOT) to RUN_DIR/episodes.png

@@ -4,11 +4,14 @@ from .base import EpisodeDataModule
 from .binary import BinaryMaskFolderSource, read_threshold_mask
 from .coco import Coco20iDataModule, COCOSource, render_semantic
 from .coco2pascal import VOC_TO_COCO, Coco2PascalDataModule
+from .coco_format import CocoFileSource, CocoFormatDataModule
 from .crossdomain import ChestXrayDataModule, DeepglobeDataModule, ISIC2018DataModule
 from .errors import DatasetError
 from .folder import FolderEpisodeDataModule
 from .fss import FSS1000DataModule
 from .lvis import LVIS92iDataModule, LVISSource
+from .mask_folder import MaskFolderDataModule
+from .own_classes import OwnClassesDataModule
 from .pascal import PASCAL_CLASSES, Pascal5iDataModule, VOCSource
 from .source import SegmentationSource
 from .synthetic import SYNTHETIC_CLASSES, SyntheticDataModule, generate_synthetic_voc
@@ -23,6 +26,8 @@ __all__ = [
     "ChestXrayDataModule",
     "Coco2PascalDataModule",
     "Coco20iDataModule",
+    "CocoFileSource",
+    "CocoFormatDataModule",
     "DatasetError",
     "DeepglobeDataModule",
     "EpisodeDataModule",
@@ -31,6 +36,8 @@ __all__ = [
     "ISIC2018DataModule",
     "LVIS92iDataModule",
     "LVISSource",
+    "MaskFolderDataModule",
+    "OwnClassesDataModule",
     "Pascal5iDataModule",
     "SegmentationSource",
     "SyntheticDataModule",

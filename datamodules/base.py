@@ -270,8 +270,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         """Base-class pools of the training images, each checked to hold a query plus the training
         episode's supports."""
         pools = self.pools("train", self.base_classes)
-        check_pools(pools, self.training_shot(), f"{self.name} fold {self.fold} training", self._names())
+        check_pools(pools, self.training_shot(), self.pools_description("training"), self._names())
         return pools
+
+    def pools_description(self, split: str) -> str:
+        """How a pool error names the data: ``<name> fold <F> <split>`` ("training" or "test")."""
+        return f"{self.name} fold {self.fold} {split}"
+
+    def eval_images(self, split: str) -> str:
+        """The source ("test", or a DataModule's own validation images) whose images ``split`` lists."""
+        return "test"
 
     def train_dataset(self) -> TrainEpisodeDataset:
         if self.test_only:
@@ -320,14 +328,15 @@ class EpisodeDataModule(pl.LightningDataModule):
     def episode_list(self, split: str) -> list[Episode]:
         """The saved "test" or "val" list of novel-class episodes on the test images (drawn once)."""
         num, seed = self.episode_count_and_seed(split)
-        pools = self.pools("test", self.novel_classes)
+        images = self.eval_images(split)
+        pools = self.pools(images, self.novel_classes)
         if self.eval_protocol.draws == "spec":
-            check_pools(pools, self.shot, f"{self.name} fold {self.fold} test", self._names())
+            check_pools(pools, self.shot, self.pools_description(images), self._names())
         return load_or_make_episode_list(
             self.episode_list_file(split),
             self.eval_protocol,
             pools,
-            self.class_counts("test"),
+            self.class_counts(images),
             num,
             self.max_shot,
             seed,
@@ -335,7 +344,7 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def eval_dataset(self, split: str) -> ListEpisodeDataset:
         return ListEpisodeDataset(
-            self.source("test"),
+            self.source(self.eval_images(split)),
             self.episode_list(split),
             self.shot,
             self.novel_classes,

@@ -83,10 +83,20 @@ def group_annotations(ann_file: Path, data: dict) -> dict[str, list[dict]]:
             category the file does not list.
     """
     where = str(ann_file)
-    by_image: dict[str, list[dict]] = {
-        str(_field(im, "id", int, where, "image")): [] for im in data["images"]
-    }
-    categories = {_field(c, "id", int, where, "category") for c in data["categories"]}
+    by_image: dict[str, list[dict]] = {}
+    for im in data["images"]:
+        key = str(_field(im, "id", int, where, "image"))
+        if key in by_image:
+            raise DatasetError(f"{where}: image id {key} is listed twice in 'images' (ids must be unique)")
+        by_image[key] = []
+    categories: set[int] = set()
+    for c in data["categories"]:
+        cid = _field(c, "id", int, where, "category")
+        if cid in categories:
+            raise DatasetError(
+                f"{where}: category id {cid} is listed twice in 'categories' (ids must be unique)"
+            )
+        categories.add(cid)
     for a in data["annotations"]:
         key = str(_field(a, "image_id", int, where, "annotation"))
         if key not in by_image:
@@ -138,7 +148,7 @@ def render_semantic(anns: list, h: int, w: int, crowd: str = "skip") -> np.ndarr
     return np.ascontiguousarray(label)
 
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the category ids are cached too
 
 
 class COCOSource(SegmentationSource):
@@ -177,12 +187,17 @@ class COCOSource(SegmentationSource):
             raise DatasetError(f"annotation file not found: {self.ann_file}\n{COCO_LAYOUT.format(year=year)}")
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder not found: {self.image_dir}\n{COCO_LAYOUT.format(year=year)}")
-        prefix = Path(cache_dir) / f"coco_index_{split}{year}" if cache_dir is not None else None
+        self._index(Path(cache_dir) / f"coco_index_{split}{year}" if cache_dir is not None else None)
+
+    def _index(self, prefix: Path | None) -> None:
+        """Read ``self.ann_file`` into the packed per-image records (from the cache at ``prefix`` when it
+        is there and current) and set ``ids``, ``class_names`` and ``category_ids``."""
         fingerprint = fingerprint_files([self.ann_file], extra=INDEX_VERSION)
         meta = read_json(prefix.with_suffix(".json")) if prefix is not None else None
         if isinstance(meta, dict) and meta.get("fingerprint") == fingerprint:
             self.records = PackedList.load(prefix)
             self.class_names = tuple(meta["class_names"])
+            self.category_ids = tuple(meta["category_ids"])
             self._numeric_ids = np.load(prefix.with_name(prefix.name + ".ids.npy"), mmap_mode="r")
         else:
             self._parse()
@@ -192,7 +207,11 @@ class COCOSource(SegmentationSource):
                 np.save(prefix.with_name(prefix.name + ".ids.npy"), self._numeric_ids)
                 atomic_write_json(
                     prefix.with_suffix(".json"),
-                    {"fingerprint": fingerprint, "class_names": list(self.class_names)},
+                    {
+                        "fingerprint": fingerprint,
+                        "class_names": list(self.class_names),
+                        "category_ids": list(self.category_ids),
+                    },
                 )
         # Image ids in increasing number (= the old (len, str) order of their strings).
         self.ids = [str(int(i)) for i in self._numeric_ids]
@@ -203,14 +222,11 @@ class COCOSource(SegmentationSource):
         data = read_instances_json(self.ann_file)
         where = str(self.ann_file)
         cat_ids = sorted(_field(c, "id", int, where, "category") for c in data["categories"])
-        if len(cat_ids) != 80:
-            raise DatasetError(
-                f"invalid COCO annotation file {self.ann_file}: COCO-20i needs the 80 COCO categories, "
-                f"found {len(cat_ids)}"
-            )
+        self._check_categories(cat_ids)
         rank = {cid: i + 1 for i, cid in enumerate(cat_ids)}  # class index = rank of the category id
         by_id = {int(c["id"]): _field(c, "name", str, where, "category") for c in data["categories"]}
         self.class_names = tuple(by_id[cid] for cid in cat_ids)
+        self.category_ids = tuple(cat_ids)
         images = {
             _field(im, "id", int, where, "image"): tuple(
                 _field(im, k, t, where, "image") for k, t in IMAGE_FIELDS
@@ -230,6 +246,14 @@ class COCOSource(SegmentationSource):
             )
             for i in self._numeric_ids.tolist()
         )
+
+    def _check_categories(self, cat_ids: list[int]) -> None:
+        """COCO-20i's categories: the 80 of COCO."""
+        if len(cat_ids) != 80:
+            raise DatasetError(
+                f"invalid COCO annotation file {self.ann_file}: COCO-20i needs the 80 COCO categories, "
+                f"found {len(cat_ids)}"
+            )
 
     def record(self, image_id: str) -> tuple[str, int, int, list]:
         """(file name, height, width, [(class index, iscrowd, segmentation), ...]) of an image."""

@@ -5,7 +5,8 @@ boundaries, val.txt); ``make_fake_coco`` writes COCO layout (JPEGs + instance JS
 RLE and crowd annotations over the real 80 category ids). The benchmark writers follow the published
 layouts of docs/benchmarks.md: ``make_fake_fss`` (FSS-1000 + HSNet split files), ``make_fake_lvis``
 (LVIS v1 JSON + COCO 2017 image folders), ``make_fake_deepglobe``, ``make_fake_isic`` and
-``make_fake_chestxray`` (PATNet's).
+``make_fake_chestxray`` (PATNet's). A user's own data: ``make_fake_coco_format`` (a CVAT-style COCO
+export with non-contiguous category ids) and ``make_fake_mask_folder`` (class-index PNG masks).
 """
 
 from __future__ import annotations
@@ -391,4 +392,80 @@ def make_fake_lvis(
                 {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": categories},
                 f,
             )
+    return root
+
+
+# ---- a user's own data --------------------------------------------------------------------------
+OWN_CLASSES = {3: "scratch", 17: "dent", 42: "crack", 300: "rust"}
+"""The categories of :func:`make_fake_coco_format` (non-contiguous ids; label order = id order)."""
+
+
+def _own_layout(n: int, h: int, w: int) -> list[list[tuple[int, tuple[int, int, int, int]]]]:
+    """Per image k, two (class slot, (y0, x0, height, width)) objects: slots k % 4 and (k + 1) % 4, so
+    every slot is in half of the images and slot 3's images (k % 4 in {2, 3}) are half of them."""
+    boxes = ((2, 2, h // 2 - 4, w - 4), (h // 2 + 2, 2, h // 2 - 4, w - 4))
+    return [[(k % 4, boxes[0]), ((k + 1) % 4, boxes[1])] for k in range(n)]
+
+
+def make_fake_coco_format(
+    root: str | os.PathLike, n: int = 16, size: tuple[int, int] = (48, 64), seed: int = 0
+) -> Path:
+    """A CVAT-style COCO export: ``images/img_<k>.jpg`` + ``annotations/instances_default.json`` with the
+    categories :data:`OWN_CLASSES` (ids 3, 17, 42, 300). Each image holds two objects (see
+    ``_own_layout``), written in turn as a polygon, a compressed RLE and an uncompressed RLE.
+    Returns ``root``."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    ids = sorted(OWN_CLASSES)
+    images, anns = [], []
+    for k, objects in enumerate(_own_layout(n, h, w)):
+        image_id = 10 * k + 5  # not 1..n: ids are the JSON's
+        name = f"img_{k:03d}.jpg"
+        Image.fromarray(_noise_image(h, w, rng)).save(root / "images" / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        for slot, (y0, x0, hh, ww) in objects:
+            mask = np.zeros((h, w), dtype=np.uint8, order="F")
+            mask[y0 : y0 + hh, x0 : x0 + ww] = 1
+            kind = (k + slot) % 3
+            if kind == 0:
+                segm: object = _polygon(y0, x0, hh, ww)
+            elif kind == 1:
+                segm = mask_utils.encode(mask)
+                segm["counts"] = segm["counts"].decode()  # type: ignore[index]
+            else:
+                segm = {"size": [h, w], "counts": _uncompressed_counts(mask)}
+            anns.append({"image_id": image_id, "category_id": ids[slot], "iscrowd": 0, "segmentation": segm})
+    for a_id, a in enumerate(anns, start=1):
+        a.update(id=a_id, area=1.0, bbox=[0, 0, 1, 1])
+    categories = [{"id": cid, "name": OWN_CLASSES[cid], "supercategory": ""} for cid in ids]
+    with open(root / "annotations" / "instances_default.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+    return root
+
+
+MASK_FOLDER_CLASSES = ("cell", "nucleus", "debris", "vessel")
+
+
+def make_fake_mask_folder(
+    root: str | os.PathLike, n: int = 16, size: tuple[int, int] = (48, 64), seed: int = 0
+) -> Path:
+    """The mask-folder layout: ``images/s_<k>.png``, ``masks/s_<k>.png`` (greyscale class indices, a 255
+    band between the objects) and ``classes.txt`` (a "background" line, then :data:`MASK_FOLDER_CLASSES`).
+    Objects as in :func:`make_fake_coco_format`, class = slot + 1. Returns ``root``."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for k, objects in enumerate(_own_layout(n, h, w)):
+        label = np.zeros((h, w), dtype=np.uint8)
+        for slot, (y0, x0, hh, ww) in objects:
+            label[y0 : y0 + hh, x0 : x0 + ww] = slot + 1
+        label[h // 2 - 1 : h // 2 + 1] = 255
+        Image.fromarray(_noise_image(h, w, rng)).save(root / "images" / f"s_{k:03d}.png")
+        Image.fromarray(label, mode="L").save(root / "masks" / f"s_{k:03d}.png")
+    (root / "classes.txt").write_text("background\n" + "".join(f"{c}\n" for c in MASK_FOLDER_CLASSES))
     return root

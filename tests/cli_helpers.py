@@ -57,6 +57,9 @@ BENCHMARK_DATA = [
     "data_chestxray.yaml",
 ]
 
+# A user's own data (docs/data.md#train-on-your-own-data), run end to end by test_own_data_cli.py.
+OWN_DATA = ["data_coco_format.yaml", "data_mask_folder.yaml"]
+
 # Backbone files (docs/model.md#backbones), composed after a stage file; the default suite runs each with
 # a tiny model of the same family (the real ones are too large for a CPU test) and parses it as written.
 BACKBONE_CONFIGS = {

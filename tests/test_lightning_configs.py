@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import BACKBONE_CONFIGS, BENCHMARK_DATA, CONFIGS, cfg, run_dir_args, tiny_data
+from cli_helpers import BACKBONE_CONFIGS, BENCHMARK_DATA, CONFIGS, OWN_DATA, cfg, run_dir_args, tiny_data
 
 from datamodules.fake import make_fake_coco, make_fake_voc
 from fewshot_seg.cli import main
@@ -49,11 +49,12 @@ SMALL = [
 
 def test_every_yaml_is_covered() -> None:
     # BENCHMARK_DATA: fit / test through the real CLI in test_benchmark_configs.py; BACKBONE_CONFIGS:
-    # parsed and run with fast_dev_run in test_backbones_cli.py.
+    # parsed and run with fast_dev_run in test_backbones_cli.py; OWN_DATA: test_own_data_cli.py.
     covered = {
         "trainer.yaml",
         *DATA,
         *BENCHMARK_DATA,
+        *OWN_DATA,
         *BACKBONE_CONFIGS,
         *DEMO_STAGES,
         *PAPER_STAGES,

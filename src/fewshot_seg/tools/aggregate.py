@@ -9,7 +9,8 @@ shot) it prints a block with rows model / oracle / heuristic baseline and column
 ``mean ± std`` over the seeds. Two protocols are never averaged together; two summaries of the same
 (dataset, protocol, fold, shot, seed) are refused (``--drop-duplicates`` keeps the newest, with a
 warning); an unreadable file is named. Runs that ``train_fold --force`` moved into a ``replaced-<time>/``
-folder are not read (name such a file to read it).
+folder are not read (name such a file to read it). ``--classes`` adds a block per (dataset, protocol, shot)
+with the model's IoU of each class by name (e.g. the categories of your own COCO export) and fold.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def collect(files: Sequence[Path], drop_duplicates: bool = False) -> list[dict[s
             "baseline_miou": s.get("baseline_miou"),
             "path": str(f),
             "_mtime": f.stat().st_mtime,
+            "_class_iou": s.get("class_iou") or {},
+            "_class_names": s.get("class_names") or {},
         }
         key = tuple(row[k] for k in ("dataset", "protocol", "fold", "shot", "seed"))
         if key in rows:
@@ -178,6 +181,32 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def to_class_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Per block, the model's IoU of each class (its name from the summaries) x fold (``--classes``)."""
+    parts = []
+    for (dataset, protocol, shot), block in blocks(rows).items():
+        folds = sorted({r["fold"] for r in block})
+        names: dict[str, str] = {}
+        for r in block:
+            names.update(r["_class_names"])
+        classes = sorted({c for r in block for c in r["_class_iou"]}, key=int)
+        head = ["class", *(f"fold {f}" for f in folds)]
+        lines = [
+            f"**{dataset}, {shot}-shot, protocol {protocol}: IoU % per class (model)**",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * len(folds),
+        ]
+        for c in classes:
+            cells = [
+                _cell([r["_class_iou"][c] for r in block if r["fold"] == f and c in r["_class_iou"]])
+                for f in folds
+            ]
+            lines.append(f"| {names.get(c, c)} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def to_csv_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row, then a ``mean`` row per (dataset, protocol, shot) and seed over the block's folds."""
     out = [{k: r[k] for k in CSV_COLUMNS} for r in rows]
@@ -214,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--drop-duplicates", action="store_true", help="keep the newest of duplicated summaries (warns)"
     )
+    parser.add_argument(
+        "--classes",
+        action="store_true",
+        help="add the per-class IoU table (class names as the summaries give)",
+    )
     args = parser.parse_args(argv)
     try:
         rows = collect(find_summaries(args.paths), args.drop_duplicates)
@@ -225,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: no {SUMMARY_GLOB} under {', '.join(args.paths)} (run train_fold first)", file=sys.stderr
         )
         return 2
-    md = to_markdown(rows)
+    md = to_markdown(rows) + ("\n" + to_class_markdown(rows) if args.classes else "")
     print(md, end="")
     if args.output:
         out = Path(args.output)

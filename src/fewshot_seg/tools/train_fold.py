@@ -44,7 +44,28 @@ DATASETS: dict[str, tuple[str, str, str, tuple[int, int] | None]] = {
     # Benchmarks that train (docs/benchmarks.md); the paper gives no schedule: the stage files' (Pascal's).
     "fss1000": ("data_fss1000.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
     "lvis92i": ("data_lvis92i.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
+    # A user's own data (docs/data.md#train-on-your-own-data): paths and class split in a copy of the YAML.
+    "coco_format": ("data_coco_format.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
+    "mask_folder": ("data_mask_folder.yaml", "stage1_pos.yaml", "stage2_mm.yaml", None),
 }
+
+
+def dataset_of(data_config: Path, config_dir: Path) -> str:
+    """The ``DATASETS`` entry whose shipped data YAML names the same DataModule as ``data_config``."""
+
+    def class_path(path: Path) -> str | None:
+        cfg = yaml.safe_load(_config_file(path).read_text())
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        return data.get("class_path") if isinstance(data, dict) else None
+
+    wanted = class_path(data_config)
+    for name, (data_cfg, *_) in DATASETS.items():
+        if (config_dir / data_cfg).is_file() and class_path(config_dir / data_cfg) == wanted:
+            return name
+    raise SystemExit(
+        f"--data-config {data_config}: its data.class_path {wanted!r} is no data YAML's of the datasets "
+        f"{sorted(DATASETS)}: pass --dataset"
+    )
 
 
 def rank_zero() -> bool:
@@ -257,7 +278,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default=None,
+        help="the dataset (its data and stage YAMLs; default synthetic, or the one of --data-config)",
+    )
+    parser.add_argument(
+        "--data-config",
+        type=Path,
+        default=None,
+        help="a data YAML to use instead of the dataset's (e.g. your copy of data_coco_format.yaml)",
+    )
+    parser.add_argument(
+        "--stage-configs",
+        nargs=2,
+        default=None,
+        metavar=("STAGE1", "STAGE2"),
+        help="stage YAMLs (names in --config-dir, or paths) instead of the dataset's, e.g. "
+        "stage1_pos_cpu_demo.yaml stage2_mm_cpu_demo.yaml",
+    )
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument(
         "--shots", type=int, nargs="+", default=[1], help="stage 2 + test per shot (default: 1)"
@@ -288,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra fewshot-seg arguments")
     args = parser.parse_args(argv)
     args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    if args.dataset is None:
+        args.dataset = dataset_of(args.data_config, args.config_dir) if args.data_config else "synthetic"
     args.run_dir = args.run_dir or Path("runs") / args.dataset / f"fold{args.fold}" / f"seed{args.seed}"
     return args
 
@@ -299,6 +341,13 @@ class FoldRun:
         self.args = args
         self.run_dir: Path = args.run_dir
         self.data_cfg, self.stage1_cfg, self.stage2_cfg, self.steps = DATASETS[args.dataset]
+        # A path joined to --config-dir stays that path: these may be files anywhere.
+        if args.data_config is not None:
+            self.data_cfg = str(args.data_config.resolve())
+        if args.stage_configs is not None:
+            self.stage1_cfg, self.stage2_cfg = (
+                str(Path(c).resolve()) if Path(c).is_file() else c for c in args.stage_configs
+            )
         self.use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
         self.trainer_cfgs = ["trainer.yaml"] + (["trainer_gpu.yaml"] if self.use_gpu else [])
         self.project = logger_project([args.config_dir / n for n in self.trainer_cfgs], args.extra)

@@ -1,0 +1,155 @@
+"""``fewshot-seg serve``'s guards without a model: who may send requests (``serve_guard``), what a request
+may cost (``serve_request``: pixel limits read from the header, never decoded), and its files
+(``serve_files``: zips capped, the folder of a killed server removed by the next one)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fewshot_seg.errors import DatasetError
+from fewshot_seg.tools.serve_files import LOCK_FILE, ZipStore, remove_stale
+from fewshot_seg.tools.serve_guard import Guard, Refused, content_length
+from fewshot_seg.tools.serve_request import PixelBudget, RequestError, decode_image
+from fewshot_seg.user_images import check_pixels
+
+
+def png_header(width: int, height: int, rows: int = 0) -> bytes:
+    """A greyscale PNG that declares ``width x height`` but holds only ``rows`` rows of zeros (a stand-in
+    for a decompression bomb: only a decoder that trusts the header spends the memory)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (rows * (width + 1)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# ------------------------------------------------------------------------------------------ guard
+def test_loopback_guard_refuses_foreign_hosts_origins_and_types() -> None:
+    guard = Guard.for_address("127.0.0.1", 7860)
+    ok = {"Host": "127.0.0.1:7860", "Content-Type": "application/json", "Origin": "http://127.0.0.1:7860"}
+    guard.check("POST", "/api/segment", ok)
+    guard.check("GET", "/", {"Host": "localhost:7860"})
+    guard.check("POST", "/api/segment", {**ok, "Host": "[::1]:7860", "Origin": "http://[::1]:7860"})
+    assert guard.token is None
+    refusals = [
+        ({**ok, "Host": "evil.example:7860", "Origin": "http://evil.example:7860"}, 403, "Host"),  # rebinding
+        ({**ok, "Host": "127.0.0.1:8000"}, 403, "Host"),  # another port
+        ({**ok, "Origin": "http://evil.example"}, 403, "cross-site"),
+        ({**ok, "Origin": "http://127.0.0.1:9999"}, 403, "cross-site"),  # another local page
+        ({**ok, "Content-Type": "text/plain;charset=UTF-8"}, 415, "application/json"),  # no-cors fetch
+        ({**ok, "Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+        ({"Host": "127.0.0.1:7860"}, 415, "application/json"),
+    ]
+    for headers, status, words in refusals:
+        with pytest.raises(Refused, match=words) as err:
+            guard.check("POST", "/api/segment", headers)
+        assert err.value.status == status
+
+
+def test_non_loopback_guard_requires_the_token() -> None:
+    guard = Guard.for_address("0.0.0.0", 7860)
+    assert guard.token and len(guard.token) >= 32
+    assert guard.url("0.0.0.0", 7860) == f"http://127.0.0.1:7860/?token={guard.token}"
+    headers = {"Host": "myhost:7860", "Content-Type": "application/json"}
+    with pytest.raises(Refused, match="token") as err:
+        guard.check("POST", "/api/segment", headers)
+    assert err.value.status == HTTPStatus.FORBIDDEN
+    with pytest.raises(Refused, match="token"):
+        guard.check("GET", "/?token=wrong", headers)
+    guard.check("GET", f"/?token={guard.token}", headers)  # any Host name on a wildcard address
+    guard.check("POST", "/api/segment", {**headers, "X-Fewshot-Token": guard.token})
+    named = Guard.for_address("192.168.1.5", 80)
+    named.check("GET", f"/?token={named.token}", {"Host": "192.168.1.5:80"})
+    with pytest.raises(Refused, match="Host"):
+        named.check("GET", f"/?token={named.token}", {"Host": "evil.example:80"})
+
+
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [(None, HTTPStatus.LENGTH_REQUIRED), ("-1", HTTPStatus.BAD_REQUEST), ("abc", HTTPStatus.BAD_REQUEST)],
+)
+def test_content_length_must_be_a_non_negative_integer(value: str | None, status: HTTPStatus) -> None:
+    headers = {} if value is None else {"Content-Length": value}
+    with pytest.raises(Refused) as err:
+        content_length(headers)
+    assert err.value.status == status
+    assert content_length({"Content-Length": "12"}) == 12
+
+
+# ------------------------------------------------------------------------------------------ pixels
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns; we refuse
+def test_pixel_limit_is_read_from_the_header_before_decoding() -> None:
+    budget = PixelBudget(per_image=50_000_000, total=300_000_000)
+    # 13,000 x 13,000 = 169 MP: under PIL's own bomb error (179 MP) it would be decoded (~170 MB here).
+    with pytest.raises(
+        RequestError, match=r"query 1 is 13000x13000 = 169.0 MP, more than the limit of 50.0 MP"
+    ):
+        decode_image(data_url(png_header(13_000, 13_000)), "query 1", budget)
+    # 20,000 x 20,000 = 400 MP: PIL's DecompressionBombError (not an OSError) becomes the same kind of answer.
+    with pytest.raises(RequestError, match="query 2"):
+        decode_image(data_url(png_header(20_000, 20_000)), "query 2", PixelBudget(10**9, 10**9))
+    with pytest.raises(DatasetError, match=r"photo\.png is 20x10 = 0\.0 MP, more than the limit"):
+        check_pixels(Image.new("L", (20, 10)), "photo.png", 199)
+    check_pixels(Image.new("L", (20, 10)), "photo.png", 200)
+
+
+def test_pixel_budget_of_a_request() -> None:
+    budget = PixelBudget(per_image=100, total=250)
+    small = data_url(png_header(10, 10, rows=10))
+    assert decode_image(small, "query 1", budget).size == (10, 10)
+    decode_image(small, "query 2", budget)
+    with pytest.raises(RequestError, match=r"query 3: the request's images add up to more than"):
+        decode_image(small, "query 3", budget)
+
+
+# ------------------------------------------------------------------------------------------ files
+def test_zips_are_capped(tmp_path: Path) -> None:
+    store = ZipStore(tmp_path, limit=2)
+    for token in ("a", "b", "c"):
+        store.new_path(token).write_bytes(b"zip")
+        store.add(token)
+    assert store.get("a") is None and not (tmp_path / "a.zip").exists()
+    assert store.get("c") == tmp_path / "c.zip" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.zip",
+        "c.zip",
+    ]
+
+
+def test_folder_of_a_killed_server_is_removed_by_the_next(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from pathlib import Path; from fewshot_seg.tools.serve_files import WorkFolder; "
+        "w = WorkFolder(Path(sys.argv[1])); (w.path / 'x.zip').write_bytes(b'masks'); "
+        "print(w.path, flush=True); time.sleep(60)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    killed, alive = (Path(p.stdout.readline().strip()) for p in procs)
+    try:
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(timeout=20)
+        assert (killed / "x.zip").exists()  # kill -9 leaves it ...
+        assert remove_stale(tmp_path) == [killed]  # ... and the next server removes it, not the live one
+        assert not killed.exists() and (alive / LOCK_FILE).exists()
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=20)
+    assert remove_stale(tmp_path) == [alive]

@@ -326,7 +326,9 @@ def test_page_with_two_classes(server: dict, browser, stage2_ckpt: Path, tmp_pat
     assert labels_png.mode == "P" and labels_png.getpalette()[3:9] == [*colors[1], *colors[2]]
     zip_href = driver.find_element(By.ID, "download-zip").get_attribute("href")
     shot = tmp_path / "classes.png"
+    driver.set_window_size(1200, 1450)  # supports, legend and result in one picture
     driver.save_screenshot(str(shot))
+    driver.set_window_size(1200, 900)
     if os.environ.get("FEWSHOT_SERVE_CLASSES_SCREENSHOT"):
         shutil.copy(shot, os.environ["FEWSHOT_SERVE_CLASSES_SCREENSHOT"])
 

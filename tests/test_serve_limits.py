@@ -1,27 +1,35 @@
-"""``fewshot-seg serve``'s guards without a model: who may send requests (``serve_guard``), what a request
-may cost (``serve_request``: pixel limits read from the header, never decoded), and its files
-(``serve_files``: zips capped, the folder of a killed server removed by the next one)."""
+"""``fewshot-seg serve`` without a model: who may send requests (``serve_guard``), what a request may cost
+(``serve_request``: pixel limits read from the header, never decoded), its files (``serve_files``: zips
+capped, the folder of a killed server removed by the next one), and its answer for several classes."""
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import signal
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from http import HTTPStatus
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from fewshot_seg.errors import DatasetError
+from fewshot_seg.label_maps import class_colors
+from fewshot_seg.multiclass import ClassSegmentation, EncodedClasses
+from fewshot_seg.tools.serve import SegmentApp
 from fewshot_seg.tools.serve_files import LOCK_FILE, ZipStore, remove_stale
 from fewshot_seg.tools.serve_guard import Guard, Refused, content_length
 from fewshot_seg.tools.serve_request import PixelBudget, RequestError, decode_image
 from fewshot_seg.user_images import check_pixels
+from fewshot_seg.visualize import class_overlay
 
 
 def png_header(width: int, height: int, rows: int = 0) -> bytes:
@@ -153,3 +161,69 @@ def test_folder_of_a_killed_server_is_removed_by_the_next(tmp_path: Path) -> Non
         procs[1].kill()
         procs[1].wait(timeout=20)
     assert remove_stale(tmp_path) == [alive]
+
+
+# ------------------------------------------------------------------------------------------ classes
+class _KnownLabels:
+    """A stand-in for the Segmenter that labels every query with a known map (left half class 1, bottom
+    right class 2): the tiny test model labels nothing, so the page's class outputs are checked here."""
+
+    def encode_classes(self, triples: list) -> EncodedClasses:
+        names = list(dict.fromkeys(name for name, _, _ in triples))
+        shots = [SimpleNamespace(shot=sum(n == name for n, _, _ in triples)) for name in names]
+        return EncodedClasses(names=tuple(names), supports=tuple(shots), image_size=32)
+
+    def segment_class_arrays(self, images: list[np.ndarray], classes: EncodedClasses) -> list:
+        out = []
+        for image in images:
+            h, w = image.shape[:2]
+            labels = np.zeros((h, w), np.uint8)
+            labels[:, : w // 2] = 1
+            labels[h // 2 :, w // 2 :] = 2
+            out.append(ClassSegmentation(labels, np.full((h, w), 0.75, np.float32)))
+        return out
+
+
+def test_classes_answer_zip_and_annotations(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    def png(array: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return data_url(buf.getvalue())
+
+    image, mask = np.full((20, 30, 3), 200, np.uint8), np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:15] = 255
+    support = {"image": png(image), "mask": png(mask)}
+    request = {
+        "supports": [
+            {**support, "class": "scratch"},
+            {**support, "class": " dent "},
+            {**support, "class": "scratch"},
+        ],
+        "queries": [{"name": "q.jpg", "image": png(image)}, {"name": "q.jpg", "image": png(image)}],
+    }
+    app = SegmentApp(_KnownLabels(), ZipStore(tmp_path), 2**20, 10**6, 10**7)  # type: ignore[arg-type]
+    answer = app.segment(request)
+    colors = class_colors()
+    assert answer["classes"] == [
+        {"name": "scratch", "value": 1, "color": list(colors[1]), "shot": 2},
+        {"name": "dent", "value": 2, "color": list(colors[2]), "shot": 1},
+    ]
+    first = answer["results"][0]
+    assert [r["name"] for r in answer["results"]] == ["q", "q-2"]
+    assert first["fractions"] == {"scratch": 0.5, "dent": 0.25}
+    overlay = np.array(Image.open(io.BytesIO(base64.b64decode(first["overlay"].split(",", 1)[1]))))
+    expected = class_overlay(image, _KnownLabels().segment_class_arrays([image], None)[0].labels)  # type: ignore[arg-type]
+    assert np.array_equal(overlay, np.array(expected)) and not np.array_equal(overlay[0, 0], image[0, 0])
+    token = answer["zip"].removeprefix("/download/").removesuffix(".zip")
+    archive = zipfile.ZipFile(ZipStore(tmp_path).new_path(token))
+    assert sorted(archive.namelist()) == ["annotations.json", "q-2_mask.png", "q_mask.png"]
+    labels = np.array(Image.open(archive.open("q_mask.png")))
+    assert Image.open(archive.open("q_mask.png")).mode == "P" and np.unique(labels).tolist() == [0, 1, 2]
+    (tmp_path / "annotations.json").write_bytes(archive.read("annotations.json"))
+    coco = COCO(str(tmp_path / "annotations.json"))
+    assert [im["file_name"] for im in coco.loadImgs(coco.getImgIds())] == ["q.jpg", "q-2.jpg"]
+    for value in (1, 2):
+        (ann,) = coco.loadAnns(coco.getAnnIds(imgIds=[1], catIds=[value]))
+        assert np.array_equal(coco.annToMask(ann).astype(bool), labels == value) and ann["score"] == 0.75

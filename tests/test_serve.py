@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_limits import png_header
+from png_bombs import png_header
 
 from fewshot_seg import Segmenter
 

@@ -8,11 +8,9 @@ import base64
 import io
 import os
 import signal
-import struct
 import subprocess
 import sys
 import zipfile
-import zlib
 from http import HTTPStatus
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from png_bombs import png_header
 
 from fewshot_seg.errors import DatasetError
 from fewshot_seg.label_maps import class_colors
@@ -30,18 +29,6 @@ from fewshot_seg.tools.serve_guard import Guard, Refused, content_length
 from fewshot_seg.tools.serve_request import PixelBudget, RequestError, decode_image
 from fewshot_seg.user_images import check_pixels
 from fewshot_seg.visualize import class_overlay
-
-
-def png_header(width: int, height: int, rows: int = 0) -> bytes:
-    """A greyscale PNG that declares ``width x height`` but holds only ``rows`` rows of zeros (a stand-in
-    for a decompression bomb: only a decoder that trusts the header spends the memory)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * (rows * (width + 1)))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def data_url(png: bytes) -> str:

@@ -284,7 +284,16 @@ def test_page_in_a_real_browser(server: dict, browser, stage2_ckpt: Path, tmp_pa
         assert r.headers["Content-Type"] == "application/zip"
     assert any(server["workdir"].glob("*.zip"))
 
-    # An upload over --max-upload-mb: the page shows the server's message (it showed "Failed to fetch").
+
+def test_page_shows_the_servers_refusals(server: dict, browser, tmp_path: Path) -> None:
+    """An upload over --max-upload-mb: the page shows the server's message (it showed "Failed to fetch")."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    files, driver = _files(tmp_path), browser
+    wait = WebDriverWait(driver, 60)
+    driver.get(server["url"])
+    _add_support(driver, wait, files["support"], files["mask"])
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big)
     _run(driver, wait, big, "upload larger than 2 MB")
@@ -398,35 +407,35 @@ def test_sighup_cleans_and_the_next_server_removes_a_killed_ones_folder(
     stage2_ckpt: Path, tmp_path: Path
 ) -> None:
     """kill -9 leaves the folder (nothing can run then): the next server removes it; SIGHUP (a closed
-    terminal) cleans like SIGTERM."""
+    terminal) cleans like SIGTERM. The second server listens on all interfaces: it warns and requires the
+    token it prints."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "fewshot_seg.cli",
-        "serve",
-        "--ckpt",
-        str(stage2_ckpt),
-        "--port",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "fewshot_seg.cli", "serve", "--ckpt", str(stage2_ckpt), "--port", "0",
+           "--device", "cpu"]  # fmt: skip
 
-    def start() -> tuple[subprocess.Popen, Path]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    def start(*extra: str) -> tuple[subprocess.Popen, str, Path]:
+        proc = subprocess.Popen(
+            [*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         line = proc.stdout.readline()
         assert line.startswith("serving on"), line + proc.stderr.read()
-        return proc, Path(line.rsplit("working folder ", 1)[1].strip())
+        return proc, line.split()[2], Path(line.rsplit("working folder ", 1)[1].strip())
 
-    first, first_dir = start()
+    first, _, first_dir = start()
     first.kill()
     first.wait(timeout=20)
     assert first_dir.exists() and first_dir.parent == tmp_path
-    second, second_dir = start()
+    second, url, second_dir = start("--host", "0.0.0.0")
     try:
         assert not first_dir.exists()
+        assert "?token=" in url
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(url.split("?")[0], timeout=10)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert b"<title>fewshot-seg" in r.read()
     finally:
         second.send_signal(signal.SIGHUP)
         assert second.wait(timeout=20) == 0
-    assert not second_dir.exists() and f"removed {first_dir}" in second.stderr.read()
+    err = second.stderr.read()
+    assert not second_dir.exists() and f"removed {first_dir}" in err
+    assert "warning: listening on 0.0.0.0, not this machine only" in err

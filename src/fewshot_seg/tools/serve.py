@@ -43,7 +43,6 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fewshot_seg.coco_export import ANNOTATIONS_FILE, CocoAnnotations
 from fewshot_seg.errors import DatasetError
 from fewshot_seg.label_maps import class_colors, label_image
 from fewshot_seg.outputs import MASK_SUFFIX, OutputNames
@@ -137,6 +136,10 @@ class SegmentApp:
         return {"results": out, "shot": encoded.shot}
 
     def _segment_classes(self, req: PageRequest, uploads: list[str], zf: zipfile.ZipFile) -> dict[str, Any]:
+        # Imported here: pycocotools is needed only for several classes, and importing the tools must not
+        # load it (tests/test_inference_imports.py).
+        from fewshot_seg.coco_export import ANNOTATIONS_FILE, CocoAnnotations
+
         with self._lock:
             classes = self.segmenter.encode_classes([(s.class_name, s.image, s.mask) for s in req.supports])
         names, out = OutputNames(uploads), []

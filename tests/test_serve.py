@@ -286,7 +286,8 @@ def test_page_in_a_real_browser(server: dict, browser, stage2_ckpt: Path, tmp_pa
 
 
 def test_page_shows_the_servers_refusals(server: dict, browser, tmp_path: Path) -> None:
-    """An upload over --max-upload-mb: the page shows the server's message (it showed "Failed to fetch")."""
+    """Every error the page can get shows its message: an upload over --max-upload-mb (413), and a 400 MP
+    PNG of a few bytes, which before got no answer at all (the page showed "Failed to fetch")."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -294,10 +295,13 @@ def test_page_shows_the_servers_refusals(server: dict, browser, tmp_path: Path) 
     wait = WebDriverWait(driver, 60)
     driver.get(server["url"])
     _add_support(driver, wait, files["support"], files["mask"])
-    big = tmp_path / "big.png"
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20_000, 20_000))
+    _run(driver, wait, bomb, "query 1: refused as a decompression bomb")
+    assert driver.find_element(By.ID, "status").get_attribute("class") == "error"
+    big = tmp_path / "big.png"  # added to the selection (a multiple file input): the request is > 2 MB
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big)
     _run(driver, wait, big, "upload larger than 2 MB")
-    assert driver.find_element(By.ID, "status").get_attribute("class") == "error"
 
 
 def test_page_with_two_classes(server: dict, browser, stage2_ckpt: Path, tmp_path: Path) -> None:
@@ -395,12 +399,19 @@ def test_cross_site_page_cannot_drive_the_server(server: dict, browser, tmp_path
     assert set(server["workdir"].glob("*.zip")) == zips  # ... and was refused: nothing segmented
 
 
-def test_sigterm_stops_and_cleans(server: dict) -> None:
-    """SIGTERM stops it cleanly and removes its working folder (the last test of the shared server)."""
+def test_sigterm_stops_and_cleans(server: dict, browser, tmp_path: Path) -> None:
+    """SIGTERM stops it cleanly and removes its working folder (the last test of the shared server); the
+    page, still open, then says that the server does not answer."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    files, wait = _files(tmp_path), WebDriverWait(browser, 60)
+    browser.get(server["url"])
+    _add_support(browser, wait, files["support"], files["mask"])
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert "stopped" in proc.stdout.read() and not server["workdir"].exists()
+    _run(browser, wait, files["query"], "the server did not answer")
 
 
 def test_sighup_cleans_and_the_next_server_removes_a_killed_ones_folder(

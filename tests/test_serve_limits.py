@@ -214,3 +214,42 @@ def test_classes_answer_zip_and_annotations(tmp_path: Path) -> None:
     for value in (1, 2):
         (ann,) = coco.loadAnns(coco.getAnnIds(imgIds=[1], catIds=[value]))
         assert np.array_equal(coco.annToMask(ann).astype(bool), labels == value) and ann["score"] == 0.75
+
+
+class _Counting:
+    """A stand-in for the Segmenter (one class) that counts the queries it segments."""
+
+    def __init__(self) -> None:
+        self.segmented = 0
+
+    def encode_supports(self, images: list, masks: list) -> SimpleNamespace:
+        return SimpleNamespace(shot=len(images))
+
+    def segment_arrays(self, images: list[np.ndarray], supports: object) -> list[np.ndarray]:
+        self.segmented += len(images)
+        return [np.zeros(image.shape[:2], np.uint8) for image in images]
+
+
+def test_queries_are_decoded_one_at_a_time(tmp_path: Path) -> None:
+    """Query 1 is segmented before query 2 is decoded (before, every query was decoded first)."""
+    small = data_url(png_header(10, 10, rows=10))
+    request = {
+        "supports": [{"image": small, "mask": data_url(_square_mask())}],
+        "queries": [
+            {"name": "a.png", "image": small},
+            {"name": "bomb.png", "image": data_url(png_header(20_000, 20_000))},
+        ],
+    }
+    counting = _Counting()
+    app = SegmentApp(counting, ZipStore(tmp_path), 2**20, 10**6, 10**7)  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="query 2"):
+        app.segment(request)
+    assert counting.segmented == 1
+
+
+def _square_mask() -> bytes:
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:8, 2:8] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()

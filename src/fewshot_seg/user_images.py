@@ -243,6 +243,20 @@ def read_user_mask(source: MaskInput, what: str = "mask") -> np.ndarray:
     return read_user_mask_and_rule(source, what)[0]
 
 
+def check_pixels(image: Image.Image, name: str, limit: int) -> None:
+    """Refuse an image of more than ``limit`` pixels from its header, before it is decoded.
+
+    PIL only warns up to 179 MP (a 13,000 x 13,000 PNG of a few hundred KB decodes to ~500 MB) and raises
+    its own ``DecompressionBombError`` beyond; call this between ``Image.open`` and ``load``.
+    """
+    width, height = image.size
+    if width * height > limit:
+        raise DatasetError(
+            f"{name} is {width}x{height} = {width * height / 1e6:.1f} MP, more than the limit of "
+            f"{limit / 1e6:.1f} MP"
+        )
+
+
 def check_same_size(mask: np.ndarray, image: np.ndarray, mask_name: str, image_name: str) -> None:
     """Refuse a mask whose size differs from its image's, naming both (width x height)."""
     if mask.shape != image.shape[:2]:

@@ -18,6 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +57,7 @@ from fewshot_seg.models.convert import (
     reference_backbone_name,
     unwrap_state_dict,
 )
+from fewshot_seg.models.graphs import GraphedForward
 from fewshot_seg.models.inference import encode_supports, segment_queries
 from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 
@@ -83,6 +85,8 @@ class Segmenter:
             (the ``spec`` evaluation protocol), and masks come back at each image's displayed size.
         device: "auto" (CUDA when available), "cpu", "cuda" or any torch device string.
         precision: "32", or "bf16" (autocast; meant for CUDA).
+        cuda_graphs: replay the query path from CUDA graphs, one per query batch size and support set
+            (``fewshot_seg.models.graphs``; the input size is fixed by the letterbox); ignored off CUDA.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Segmenter:
         image_size: int = PAPER_IMAGE_SIZE,
         device: Device = "auto",
         precision: Precision = "32",
+        cuda_graphs: bool = False,
     ) -> None:
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
@@ -105,6 +110,9 @@ class Segmenter:
             m.eval().requires_grad_(False).to(self.device) for m in (backbone, pos, mask_matching)
         )
         self._transform = TestTransform(self.image_size, square=False)
+        self._queries = GraphedForward(
+            partial(segment_queries, self.backbone, self.pos, self.mask_matching), enabled=cuda_graphs
+        )
 
     @property
     def default_batch_size(self) -> int:
@@ -120,6 +128,7 @@ class Segmenter:
         device: Device = "auto",
         image_size: int | None = None,
         precision: Precision = "32",
+        cuda_graphs: bool = False,
     ) -> Segmenter:
         """A Segmenter from a stage-2 checkpoint of this project or the authors' released MM-Former file.
 
@@ -129,6 +138,7 @@ class Segmenter:
                 backbone depth (ResNet-50/101) is read from its keys.
             image_size: model input side; None = the size the model was trained at (recorded in the
                 checkpoint; 480, the paper's, for reference files).
+            cuda_graphs: see :class:`Segmenter`.
 
         Raises:
             CheckpointError: naming the file: missing, unreadable, a stage-1 checkpoint, or weights that do
@@ -141,7 +151,7 @@ class Segmenter:
         else:
             backbone, pos, mm = _from_reference(ckpt, name)
             trained_size = PAPER_IMAGE_SIZE
-        return cls(backbone, pos, mm, image_size or trained_size, device, precision)
+        return cls(backbone, pos, mm, image_size or trained_size, device, precision, cuda_graphs)
 
     # ------------------------------------------------------------------ supports
     def encode_supports(self, images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> Supports:
@@ -237,7 +247,7 @@ class Segmenter:
         batch = normalize_images(torch.stack([image_tensor(img) for img, _, _ in prepared]).to(self.device))
         valid = torch.tensor([v for _, _, v in prepared])
         with self._inference():
-            out = segment_queries(self.backbone, self.pos, self.mask_matching, batch, supports.encoding)
+            out = self._queries(batch, supports.encoding)
         # Resized to each image's size on the CPU: a large image is never held at full size on the device.
         maps = resize_to_labels(out["foreground"].float().cpu(), valid, [img.shape[:2] for img in images])
         if return_probabilities:

@@ -208,26 +208,31 @@ def episode_batch(batch: int, shot: int, size: int, segments: int, seed: int = 0
 
 def count_training_step(module: pl.LightningModule, batch: Any, device: str, precision: str) -> Counter:
     """Counts of the second of two Trainer steps on ``batch`` (the first warms up)."""
-    loader = DataLoader([batch, batch], batch_size=None, collate_fn=lambda b: b)
     with counting() as counter:
         counter.phase = "idle"
         _after_forward(module, counter)
-        trainer = pl.Trainer(
-            accelerator=device,
-            devices=1,
-            max_steps=2,
-            precision=precision,
-            gradient_clip_val=0.01,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[PhaseCallback(counter)],
-        )
-        trainer.fit(module, train_dataloaders=loader)
+        fit_on(module, batch, 2, [PhaseCallback(counter)], accelerator=device, precision=precision)
     return counter
+
+
+def fit_on(module: pl.LightningModule, batch: Any, steps: int, callbacks: list, **trainer: Any) -> None:
+    """``steps`` training steps on copies of ``batch`` with a quiet Trainer (no logger, checkpoint or
+    validation; gradient clipping at the configs' 0.01); ``trainer`` overrides Trainer arguments."""
+    loader = DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": steps,
+        "gradient_clip_val": 0.01,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        **trainer,
+    }
+    pl.Trainer(callbacks=callbacks, **options).fit(module, train_dataloaders=loader)
 
 
 def count_segmenter_query(cfg: ModelConfig, size: int, device: str, batch: int = 1) -> Counter:

@@ -9,7 +9,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
-from torch.utils.data import DataLoader
 
 from fewshot_seg.lightning.finite import MIN_LOSS_SCALE, NonFiniteError
 from fewshot_seg.lightning.optim import adamw_implementation
@@ -21,7 +20,7 @@ from fewshot_seg.models.position_encoding import PositionEmbeddingSine
 from fewshot_seg.models.targets import PaddedTargets, label_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from host_overhead import count_training_step, episode_batch
+from host_overhead import count_training_step, episode_batch, fit_on
 
 TINY = {
     "backbone": {"name": "resnet18", "weights": None, "freeze": False},
@@ -159,21 +158,8 @@ class _InfAtStep(pl.Callback):
 
 
 def _fit(module: POSModule, scaler: torch.amp.GradScaler | None, inf_steps: set[int], steps: int) -> None:
-    batch = episode_batch(2, 0, 64, 3)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[_InfAtStep(inf_steps)],
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler is not None else None,
-    )
-    loader = DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
-    trainer.fit(module, train_dataloaders=loader)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler is not None else None
+    fit_on(module, episode_batch(2, 0, 64, 3), steps, [_InfAtStep(inf_steps)], plugins=plugins)
 
 
 def test_gradient_scaler_skips_a_non_finite_step_instead_of_stopping() -> None:

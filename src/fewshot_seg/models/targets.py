@@ -58,6 +58,8 @@ class PaddedTargets:
         table = torch.full((len(values), width), -1, dtype=torch.int64)
         for b, v in enumerate(values):
             table[b, : len(v)] = torch.as_tensor(list(v), dtype=torch.int64)
+        if semantic.is_cuda:  # pinned: the copy does not wait for the kernels already queued
+            table = table.pin_memory()
         table = table.to(semantic.device, non_blocking=True)
         return cls(semantic[:, None] == table[:, :, None, None], counts)
 

@@ -334,17 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cfg = PAPER if args.config == "paper" else DEMO
-    lines = report(
-        cfg,
-        args.size,
-        args.batch,
-        args.segments,
-        args.device,
-        args.precision,
-        tuple(args.parts.split(",")),
-        args.top,
-    )
-    print("\n".join(lines))
+    for part in args.parts.split(","):  # printed part by part: a long run shows what it has
+        lines = report(
+            cfg, args.size, args.batch, args.segments, args.device, args.precision, (part,), args.top
+        )
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

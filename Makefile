@@ -123,7 +123,7 @@ benchmark: ## Data throughput and model speed tables on this machine
 	$(PY) benchmarks/model_speed.py
 
 .PHONY: gpu-check
-gpu-check: ## On a CUDA machine: step time / memory per precision, inference, deformable attention, a CLI run
+gpu-check: ## On a CUDA machine: step profile and host overhead, step time / memory per precision, inference, Segmenter graphs, deformable attention, a CLI run
 	$(PY) benchmarks/gpu_check.py --out gpu_check.md
 
 .PHONY: sweep

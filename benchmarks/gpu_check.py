@@ -15,7 +15,17 @@ Prints and writes (``--out``) these tables:
    and the frozen backbone's forward time and peak memory at 480 x 480, ``32-true`` and ``bf16-mixed``;
 5. a 50-step real ``fewshot-seg fit`` (stage 1) + ``fit`` (stage 2) + ``test`` through the CLI with
    ``trainer_gpu.yaml`` on a small VOC-layout stand-in written by ``benchmarks/make_standin.py``: finite
-   losses, checkpoints written, ``results.json``.
+   losses, checkpoints written, ``results.json``;
+6. where the time of a paper-size stage-1 step goes: a ``torch.profiler`` trace of one step, wall time
+   against GPU-busy time (the union of its kernels) per phase (forward, losses, backward, optimiser);
+   the host overhead counts of ``benchmarks/host_overhead.py`` on the GPU (tensor ops, host syncs,
+   blocking host-to-device copies per phase); the Segmenter eager against CUDA-graph replay
+   (``cuda_graphs=True``) at batch 1 and 8.
+
+``--only`` runs a subset of the sections (``steps,profile,overhead,graphs,inference,segmenter,deform,
+backbones,cli``). ``--baseline DIR`` also runs the step and Segmenter tables with the code of another
+checkout (``git worktree add DIR <rev>``; its ``src`` first on the path), in the same run on the same
+card: the before -> after of a change.
 
 ``--smoke`` runs all of it with the demo-size model at 64 x 64, 2 steps, on CPU (no ``16-mixed``), the
 backbone rows with a tiny model of each family (``SMOKE_BACKBONES``): the test suite runs it so the
@@ -25,6 +35,7 @@ script stays correct on machines without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -33,9 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_overhead
 import inference_speed
 from model_speed import DEMO, PAPER, _row_fn, _time, autocast, backbone_configs, deform_attn_rows
 
@@ -90,6 +103,142 @@ def segmenter_table(device: torch.device, smoke: bool, repeats: int) -> list[str
     queries = 2 if smoke else 32
     speed = inference_speed.speed_table(cfg, size, queries, min(repeats, 3), device)
     return [*speed, "", *inference_speed.head_table(cfg, size, repeats, device)]
+
+
+PHASES = ("forward", "losses", "backward", "optimiser")
+
+
+def _busy_us(kernels: list[tuple[float, float]], start: float, end: float) -> float:
+    """Microseconds of ``[start, end]`` during which at least one kernel ran (union of intervals)."""
+    busy, cursor = 0.0, start
+    for k_start, k_end in sorted(kernels):
+        lo, hi = max(k_start, cursor), min(k_end, end)
+        if hi > lo:
+            busy += hi - lo
+            cursor = hi
+    return busy
+
+
+def profile_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    """One stage-1 training step under ``torch.profiler``: wall and GPU-busy time per phase.
+
+    The step is POSModule's (forward, criterion with its one device-to-host copy, backward, clipping and
+    the AdamW of ``build_optimizer``), each phase ended by a device sync so that its kernels fall inside
+    it; the last row is the step without those syncs.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from fewshot_seg.lightning.optim import adamw_implementation
+
+    cfg, size, batch = (DEMO, 64, 2) if smoke else (PAPER, 480, 8)
+    torch.manual_seed(0)
+    module = cfg.pos_module().to(device)
+    episodes = host_overhead.episode_batch(batch, 0, size, 4).to(device).normalized()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_implementation(params))
+    rows = ["| precision | phase | wall (ms) | GPU busy (ms) | busy / wall |", "|---|---|---:|---:|---:|"]
+    for precision in ("32-true", "bf16-mixed"):
+
+        def step(mark: bool, precision: str = precision) -> None:
+            def phase(label: str) -> contextlib.AbstractContextManager:
+                return record_function(label) if mark else contextlib.nullcontext()
+
+            def end() -> None:
+                if mark and device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            with phase("forward"), autocast(device, precision):
+                out = module(episodes)
+                end()
+            with phase("losses"), autocast(device, precision):
+                losses = module.criterion(
+                    out,
+                    module.training_targets(episodes),
+                    episodes.query_mask,
+                    generator=module.point_generator(),
+                )
+                loss = sum(losses.values())
+                end()
+            with phase("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                end()
+            with phase("optimiser"):
+                torch.nn.utils.clip_grad_norm_(params, 0.01, foreach=True)
+                opt.step()
+                end()
+
+        step(True)  # warm-up
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(True)
+        events = prof.events()
+        kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"]
+        for name in PHASES:
+            marks = [e for e in events if e.name == name and e.device_type.name == "CPU"]
+            if not marks:
+                continue
+            start, end_ = marks[0].time_range.start, marks[0].time_range.end
+            wall, busy = (end_ - start) / 1e3, _busy_us(kernels, start, end_) / 1e3
+            rows.append(f"| {precision} | {name} | {wall:.1f} | {busy:.1f} | {busy / max(wall, 1e-9):.0%} |")
+        seconds = _time(lambda: step(False), repeats, device)
+        rows.append(f"| {precision} | whole step, no phase syncs | {seconds * 1e3:.1f} | | |")
+    return rows
+
+
+def overhead_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    """``benchmarks/host_overhead.py`` on this device (blocking host-to-device copies counted on CUDA)."""
+    cfg, size, batch = (DEMO, 64, 2) if smoke else (PAPER, 480, 8)
+    return host_overhead.report(cfg, size, batch, device=device.type)
+
+
+def graphs_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
+    """Segmenter queries/s, eager against CUDA-graph replay, and the largest difference of the maps."""
+    from fewshot_seg.segmenter import Segmenter
+
+    cfg, size = (DEMO, 64) if smoke else (PAPER, 480)
+    torch.manual_seed(0)
+    module = cfg.mm_module().eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (375, 500, 3), np.uint8) for _ in range(16)]
+    mask = np.zeros((375, 500), np.uint8)
+    mask[100:250, 150:350] = 1
+    rows = ["| batch | path | queries/s | max abs diff vs eager |", "|---:|---|---:|---:|"]
+    segs = {
+        graphs: Segmenter(
+            module.backbone, module.pos, module.mm, image_size=size, device=device, cuda_graphs=graphs
+        )
+        for graphs in (False, True)
+    }
+    for batch in (1, 8):
+        results = {}
+        for graphs, seg in segs.items():
+            supports = seg.encode_supports([images[0]], [mask])
+            chunk = images[:batch]
+            results[graphs] = seg.segment_arrays(chunk, supports, return_probabilities=True)
+            seconds = _time(lambda seg=seg, s=supports, c=chunk: seg.segment_arrays(c, s), repeats, device)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(results[graphs], results[False]))
+            name = "CUDA graphs" if graphs else "eager"
+            rows.append(f"| {batch} | {name} | {batch / seconds:.1f} | {diff:.1e} |")
+    return rows
+
+
+def baseline_tables(baseline: Path, smoke: bool, repeats: int) -> list[str]:
+    """The step and Segmenter tables of ``baseline``'s code (a subprocess with its ``src`` first)."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks'); import gpu_check as g; "
+        f"d = torch.device('cuda' if torch.cuda.is_available() and not {smoke} else 'cpu'); "
+        "torch.backends.cudnn.benchmark = d.type == 'cuda'; "
+        f"print('\\n'.join(g.train_step_table(d, {smoke}, {repeats}))); print(); "
+        f"print('\\n'.join(g.segmenter_table(d, {smoke}, {repeats})))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{baseline / 'src'}{os.pathsep}{baseline}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=baseline, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return [f"baseline at {baseline} failed: {(proc.stdout + proc.stderr)[-2000:]}"]
+    return [f"code of {baseline}", "", *proc.stdout.splitlines()]
 
 
 def backbone_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
@@ -251,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="stand-in data and CLI runs (default: a temp dir)"
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="sections to run (comma-separated): steps, profile, overhead, graphs, inference, segmenter, "
+        "deform, backbones, cli",
+    )
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="a checkout of the code before a change (before -> after)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         device = torch.device("cpu")
@@ -268,21 +426,41 @@ def main(argv: list[str] | None = None) -> int:
         f"model {'demo at 64 px' if args.smoke else 'paper at 480'}",
     ]
     sections = [
+        ("Where a stage-1 step spends its time (torch.profiler)", profile_table),
+        ("Host overhead per phase (benchmarks/host_overhead.py)", overhead_table),
         ("Training step", train_step_table),
+        ("Segmenter: eager vs CUDA graphs", graphs_table),
         ("Inference (backbone + POS + Mask Matching)", inference_table),
         ("Segmenter vs the predict path (supports encoded once, batched queries)", segmenter_table),
         ("Deformable attention", deform_attn_table),
         ("Backbones (frozen forward, batch 1)", backbone_table),
     ]
+    keys = {
+        profile_table: "profile",
+        overhead_table: "overhead",
+        train_step_table: "steps",
+        graphs_table: "graphs",
+        inference_table: "inference",
+        segmenter_table: "segmenter",
+        deform_attn_table: "deform",
+        backbone_table: "backbones",
+    }
+    only = set(args.only.split(",")) if args.only else None
+    sections = [(title, table) for title, table in sections if only is None or keys[table] in only]
     out: list[str] = header
     start = time.perf_counter()
     for title, table in sections:
         rows = table(device, args.smoke, repeats)
         out += ["", f"## {title}", "", *rows]
         print("\n".join(out[-len(rows) - 3 :]), flush=True)
-    rows = cli_table(device, args.smoke, work)
-    out += ["", "## fewshot-seg fit + fit + test through the CLI", "", *rows]
-    print("\n".join(out[-len(rows) - 3 :]))
+    if args.baseline is not None:
+        rows = baseline_tables(args.baseline, args.smoke, repeats)
+        out += ["", "## Before: training step and Segmenter with the baseline's code", "", *rows]
+        print("\n".join(out[-len(rows) - 3 :]), flush=True)
+    if only is None or "cli" in only:
+        rows = cli_table(device, args.smoke, work)
+        out += ["", "## fewshot-seg fit + fit + test through the CLI", "", *rows]
+        print("\n".join(out[-len(rows) - 3 :]))
     out += ["", f"total {time.perf_counter() - start:.0f} s"]
     args.out.write_text("\n".join(out) + "\n")
     print(f"\ntables written to {args.out}")

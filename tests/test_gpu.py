@@ -117,6 +117,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
         "## Deformable attention",
         "## Backbones",
         "## fewshot-seg fit + fit + test",
+        "## Where a stage-1 step spends its time",
+        "## Host overhead per phase",
+        "## Segmenter: eager vs CUDA graphs",
     ):
         assert title in text
     assert "| dinov2_vitb14 | timm:vit_small_patch14_dinov2 |" in text

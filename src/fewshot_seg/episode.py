@@ -62,6 +62,10 @@ class EpisodeBatch:
             or (square protocols such as ``square480`` / ``mmformer``) resized to the model input.
         query_id: B image ids of the queries.
         support_ids: B lists of K image ids of the supports.
+        query_label_values: B tuples, the sorted distinct values of ``query_semantic`` (255 excluded),
+            read on the host by :func:`collate_episodes` (in the loader workers): the stage-1 targets are
+            then built on the device without a host sync (``fewshot_seg.models.targets``). None when the
+            batch was not collated here.
     """
 
     query_image: Tensor
@@ -74,6 +78,7 @@ class EpisodeBatch:
     query_label_orig: list[Tensor] = field(default_factory=list)
     query_id: list[str] = field(default_factory=list)
     support_ids: list[list[str]] = field(default_factory=list)
+    query_label_values: list[tuple[int, ...]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -121,6 +126,7 @@ class EpisodeBatch:
             query_label_orig=[fn(t) for t in self.query_label_orig],
             query_id=list(self.query_id),
             support_ids=[list(s) for s in self.support_ids],
+            query_label_values=self.query_label_values,
         )
 
     def to(self, device: torch.device | str) -> EpisodeBatch:
@@ -144,17 +150,21 @@ def collate_episodes(samples: Sequence[dict]) -> EpisodeBatch:
         # torch.stack would be copied there once more when the batch is sent to the main process.
         return default_collate([s[key] for s in samples])
 
+    from fewshot_seg.models.targets import label_values  # models import this module
+
+    query_semantic = stack("query_semantic")
     return EpisodeBatch(
         query_image=stack("query_image"),
         query_mask=stack("query_mask"),
         support_images=stack("support_images"),
         support_masks=stack("support_masks"),
         class_id=torch.as_tensor([int(s["class_id"]) for s in samples], dtype=torch.long),
-        query_semantic=stack("query_semantic"),
+        query_semantic=query_semantic,
         query_valid_size=torch.stack([torch.as_tensor(s["query_valid_size"]) for s in samples]).long(),
         query_label_orig=[torch.as_tensor(s["query_label_orig"]) for s in samples],
         query_id=[str(s["query_id"]) for s in samples],
         support_ids=[[str(i) for i in s["support_ids"]] for s in samples],
+        query_label_values=label_values(query_semantic),
     )
 
 

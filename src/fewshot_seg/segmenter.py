@@ -27,6 +27,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +38,7 @@ from torch import nn
 from fewshot_seg.episode import IGNORE_INDEX, image_tensor, normalize_images
 from fewshot_seg.errors import DatasetError
 from fewshot_seg.evaluation import THRESHOLD, resize_to_labels
+from fewshot_seg.models.graphs import GraphedForward
 from fewshot_seg.models.mask_matching import MaskMatching, SupportEncoding
 from fewshot_seg.models.mm_forward import encode_supports, segment_queries
 from fewshot_seg.multiclass import (
@@ -90,6 +92,8 @@ class Segmenter:
             (the ``spec`` evaluation protocol), and masks come back at each image's displayed size.
         device: "auto" (CUDA when available), "cpu", "cuda" or any torch device string.
         precision: "32", or "bf16" (autocast; meant for CUDA).
+        cuda_graphs: replay the query path from CUDA graphs, one per query batch size and support set
+            (``fewshot_seg.models.graphs``; the input size is fixed by the letterbox); ignored off CUDA.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class Segmenter:
         image_size: int = PAPER_IMAGE_SIZE,
         device: Device = "auto",
         precision: Precision = "32",
+        cuda_graphs: bool = False,
     ) -> None:
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
@@ -112,6 +117,9 @@ class Segmenter:
             m.eval().requires_grad_(False).to(self.device) for m in (backbone, pos, mask_matching)
         )
         self._transform = Letterbox(self.image_size)
+        self._queries = GraphedForward(
+            partial(segment_queries, self.backbone, self.pos, self.mask_matching), enabled=cuda_graphs
+        )
 
     @property
     def default_batch_size(self) -> int:
@@ -127,6 +135,7 @@ class Segmenter:
         device: Device = "auto",
         image_size: int | None = None,
         precision: Precision = "32",
+        cuda_graphs: bool = False,
     ) -> Segmenter:
         """A Segmenter from a stage-2 checkpoint of this project or the authors' released MM-Former file.
 
@@ -136,13 +145,22 @@ class Segmenter:
                 backbone depth (ResNet-50/101) is read from its keys.
             image_size: model input side; None = the size the model was trained at (recorded in the
                 checkpoint; 480, the paper's, for reference files).
+            cuda_graphs: see :class:`Segmenter`.
 
         Raises:
             CheckpointError: naming the file: missing, unreadable, a stage-1 checkpoint, or weights that do
                 not fit.
         """
         backbone, pos, mm, trained_size = load_networks(path)
-        return cls(backbone, pos, mm, trained_size if image_size is None else image_size, device, precision)
+        return cls(
+            backbone,
+            pos,
+            mm,
+            trained_size if image_size is None else image_size,
+            device,
+            precision,
+            cuda_graphs,
+        )
 
     # ------------------------------------------------------------------ supports
     def encode_supports(self, images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> Supports:
@@ -242,7 +260,7 @@ class Segmenter:
         _check_encoded(supports, Supports, "supports", "encode_supports")
         batch, valid = self._prepare_queries(images)
         with self._inference():
-            out = segment_queries(self.backbone, self.pos, self.mask_matching, batch, supports.encoding)
+            out = self._queries(batch, supports.encoding)
         # Resized to each image's size on the CPU: a large image is never held at full size on the device.
         maps = resize_to_labels(out["foreground"].float().cpu(), valid, [img.shape[:2] for img in images])
         if return_probabilities:

@@ -16,7 +16,7 @@ from fewshot_seg.contracts import data_class_ids
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.evaluation import to_label_size
 from fewshot_seg.lightning.callbacks import FreezeModules
-from fewshot_seg.lightning.finite import check_outputs
+from fewshot_seg.lightning.finite import StepCheck, check_outputs
 from fewshot_seg.lightning.optim import build_optimizer, resolve_max_steps
 from fewshot_seg.lightning.prediction import PredictionWriter
 from fewshot_seg.lightning.provenance import (
@@ -89,6 +89,8 @@ class EpisodeModule(pl.LightningModule):
         self.test_results: dict | None = None
         """the last test's summary (results.json)."""
         self._test_started = 0.0
+        self.step_check: StepCheck | None = None
+        """the current training step's non-finite checks (set by ``training_step``)."""
 
     def _hparams_as_dicts(self) -> None:
         """Store the saved configuration objects as plain dicts: checkpoints then load with
@@ -122,6 +124,11 @@ class EpisodeModule(pl.LightningModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 images of an episode batch, once, on the model's device (``EpisodeBatch``)."""
         return batch.normalized() if isinstance(batch, EpisodeBatch) else batch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The non-finite check that waits for the gradient scaler's decision (``16-mixed``; finite.py)."""
+        if self.step_check is not None:
+            self.step_check.after_optimizer_step()
 
     def backbone_features(self, images: Tensor) -> dict[str, Tensor]:
         """Backbone features; under ``no_grad`` when the backbone is frozen (SPEC §2)."""

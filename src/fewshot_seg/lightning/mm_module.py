@@ -28,7 +28,7 @@ from fewshot_seg.config import (
 )
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
-from fewshot_seg.lightning.finite import check_losses, check_outputs
+from fewshot_seg.lightning.finite import StepCheck
 from fewshot_seg.lightning.provenance import PROVENANCE_KEY, trained_on
 from fewshot_seg.models.build import build_mask_matching, build_mm_criterion
 from fewshot_seg.models.convert import CheckpointMismatchError, has_mask_matching, load_reference_checkpoint
@@ -291,9 +291,11 @@ class MMModule(EpisodeModule):
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch)
-        check_outputs(self, out)  # before the BCE, which fails on NaN with "should be between 0 and 1"
+        # One host sync for both checks: the outputs' and the losses' flags are read together
+        # (lightning/finite.py); the criterion keeps a non-finite similarity out of its BCE.
+        self.step_check = StepCheck(self)
         losses = self.criterion(out, batch.query_mask)
-        check_losses(self, losses)
+        self.step_check.losses_ready(losses, extra=out)
         loss = sum(losses.values())
         bs = batch.batch_size
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)

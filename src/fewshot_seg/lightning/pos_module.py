@@ -11,11 +11,11 @@ from torch import Tensor
 from fewshot_seg.config import BackboneConfig, OptimizerConfig, POSConfig, POSLossConfig, coerce
 from fewshot_seg.episode import EpisodeBatch
 from fewshot_seg.lightning.base import EpisodeModule
-from fewshot_seg.lightning.finite import check_losses, check_outputs
+from fewshot_seg.lightning.finite import StepCheck, finite_flags
 from fewshot_seg.models.backbone import frozen_parts
 from fewshot_seg.models.build import build_pos_criterion
-from fewshot_seg.models.criterion import semantic_to_targets
 from fewshot_seg.models.selection import oracle_select, selected_foreground
+from fewshot_seg.models.targets import PaddedTargets, label_values
 
 
 class POSModule(EpisodeModule):
@@ -84,12 +84,29 @@ class POSModule(EpisodeModule):
         )[0]
         return torch.Generator(device=self.device).manual_seed(int(state))
 
+    def training_targets(self, batch: EpisodeBatch) -> PaddedTargets:
+        """The query's target masks: built on the device from the label values the collate function read
+        on the host; a batch without them (not collated by ``collate_episodes``) reads them here."""
+        values = batch.query_label_values
+        if values is None:
+            values = label_values(batch.query_semantic.cpu())  # a host sync: only for hand-made batches
+        return PaddedTargets.from_semantic(batch.query_semantic, values)
+
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         out = self(batch)
-        check_outputs(self, out)  # before the Hungarian matcher, which fails on NaN with a scipy error
-        targets = [semantic_to_targets(s) for s in batch.query_semantic]
-        losses = self.criterion(out, targets, batch.query_mask, generator=self.point_generator())
-        check_losses(self, losses)
+        # Host syncs of the step: the outputs' finiteness flags travel with the matcher's costs (the one
+        # device-to-host copy of the losses); the loss flags are read once (lightning/finite.py).
+        self.step_check = StepCheck(self)
+        names, flags = finite_flags(out)
+        losses, details = self.criterion.compute(
+            out,
+            self.training_targets(batch),
+            batch.query_mask,
+            generator=self.point_generator(),
+            sync_with=flags,
+        )
+        self.step_check.outputs_read(names, details["synced"])
+        self.step_check.losses_ready(losses)
         loss = sum(losses.values())
         bs = batch.batch_size
         # The final-layer terms and the total; the 2 x 9 auxiliary terms would only clutter the logs.

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from fewshot_seg.models.backbone_base import TIMM_PREFIX, Backbone
+from fewshot_seg.models.frozen_bn import CachedFrozenBatchNorm2d
 
 
 class BackboneError(ValueError):
@@ -134,7 +134,7 @@ def build_backbone(
             f"unknown backbone {name!r}; choose from {sorted(_ARCHS)} or a timm model as 'timm:<name>'"
         )
     ctor = _ARCHS[name][0]
-    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    norm_layer = CachedFrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d  # torchvision's, affine cached
     backbone = ResNetBackbone(ctor(weights=None, norm_layer=norm_layer), name)
     if weights is None:
         return backbone

@@ -16,6 +16,7 @@ reproduces the reference's draws as well.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from fewshot_seg.models.selection import (
     proposal_soft_iou,
     selected_foreground,
 )
+from fewshot_seg.models.targets import PaddedTargets
 
 
 def semantic_to_targets(semantic: Tensor) -> dict[str, Tensor]:
@@ -72,30 +74,56 @@ def two_channel_dice_loss(foreground: Tensor, label: Tensor) -> Tensor:
     return (1 - 2 * inter / denom).sum(1).mean()
 
 
-def point_bce_loss(logits: Tensor, labels: Tensor, num_masks: float) -> Tensor:
-    """Sum over masks of the mean point sigmoid-BCE, divided by ``num_masks`` (``[n, P]`` inputs)."""
-    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
+def point_bce_loss(
+    logits: Tensor, labels: Tensor, num_masks: float | Tensor, groups: int | None = None
+) -> Tensor:
+    """Sum over masks of the mean point sigmoid-BCE, divided by ``num_masks``.
+
+    Args:
+        logits, labels: ``[n, P]``, or ``[G*n, P]`` for ``groups`` G equal groups (e.g. decoder layers).
+
+    Returns:
+        a scalar, or ``[G]`` with ``groups``.
+    """
+    per_mask = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+    return _group_sum(per_mask, groups) / num_masks
 
 
-def point_dice_loss(logits: Tensor, labels: Tensor, num_masks: float) -> Tensor:
-    """Sum over masks of ``1 - (2 sum(sig t) + 1) / (sum sig + sum t + 1)``, divided by ``num_masks``."""
+def point_dice_loss(
+    logits: Tensor, labels: Tensor, num_masks: float | Tensor, groups: int | None = None
+) -> Tensor:
+    """Sum over masks of ``1 - (2 sum(sig t) + 1) / (sum sig + sum t + 1)``, divided by ``num_masks``
+    (shapes as :func:`point_bce_loss`)."""
     probs = logits.sigmoid()
     numerator = 2 * (probs * labels).sum(-1)
     denominator = probs.sum(-1) + labels.sum(-1)
-    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+    return _group_sum(1 - (numerator + 1) / (denominator + 1), groups) / num_masks
 
 
-def _global_num_masks(count: int, device: torch.device) -> float:
+def _group_sum(per_mask: Tensor, groups: int | None) -> Tensor:
+    return (
+        per_mask.sum()
+        if groups is None
+        else per_mask.view(groups, per_mask.shape[0] // max(groups, 1)).sum(1)
+    )
+
+
+def _global_num_masks(count: int, device: torch.device) -> float | Tensor:
     """Targets per process averaged over processes (sum / world size, as Mask2Former), at least 1.
 
     DDP averages gradients over processes, so normalising by the average keeps the loss scale of a
-    single-process run.
+    single-process run. ``count`` is known on the host (:class:`PaddedTargets`), so a single process
+    needs no device work; under DDP the average stays a device tensor (no host sync).
     """
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(float(count), 1.0)
     num = torch.as_tensor(float(count), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num)
-        num = num / dist.get_world_size()
-    return max(float(num.item()), 1.0)
+    dist.all_reduce(num)
+    return (num / dist.get_world_size()).clamp_min(1.0)
+
+
+def _as_padded(targets: PaddedTargets | Sequence[dict[str, Tensor]]) -> PaddedTargets:
+    return targets if isinstance(targets, PaddedTargets) else PaddedTargets.from_list(targets)
 
 
 class POSCriterion(nn.Module):
@@ -104,6 +132,12 @@ class POSCriterion(nn.Module):
     Per prediction layer: Hungarian matching, then point-sampled sigmoid-BCE and dice on the matched pairs
     (importance sampling), each normalised by the number of targets; plus a few-shot dice term on the final
     proposal with the highest soft IoU against the sampled class's binary label.
+
+    All layers and images are processed together: the cost matrices in a few batched operations and one
+    device-to-host copy (:meth:`HungarianMatcher.match_layers`), the loss points, BCE and dice of every
+    matched pair of every layer in one pass. The random points are drawn first, layer by layer in the
+    reference's order (matcher points image by image, then the loss draws), so they are the points the
+    per-layer loop drew.
 
     Args:
         mask_weight: weight of the BCE terms.
@@ -136,44 +170,124 @@ class POSCriterion(nn.Module):
         self.matcher = HungarianMatcher(mask_weight, dice_weight, num_points)
 
     def _pad_targets(self, masks: Tensor, pred_hw: tuple[int, int]) -> Tensor:
-        """Zero-pad ``[M, H, W]`` targets to the padded image the logits cover (point coordinates agree)."""
+        """Zero-pad ``[B, M, H, W]`` targets to the padded image the logits cover (point coordinates
+        agree)."""
         hp, wp = pred_hw[0] * self.stride, pred_hw[1] * self.stride
         h, w = masks.shape[-2:]
         if (h, w) == (hp, wp):
             return masks
-        return F.pad(masks.float(), (0, wp - w, 0, hp - h))
+        padded = masks.new_zeros((*masks.shape[:2], hp, wp))
+        padded[..., :h, :w] = masks
+        return padded
 
-    def _layer_losses(
+    def _draw_points(
         self,
-        pred_masks: Tensor,
-        target_masks: list[Tensor],
-        num_masks: float,
-        coords: dict[str, Tensor],
+        num_layers: int,
+        batch: int,
+        num_matched: int,
+        device: torch.device,
+        point_coords: list[dict[str, Tensor]] | None,
         generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor, dict[str, object]]:
-        indices = self.matcher(pred_masks, target_masks, coords.get("matcher"), generator)
-        device = pred_masks.device
-        src = torch.cat([pred_masks[b, i.to(device)] for b, (i, _) in enumerate(indices)])  # [n, h, w]
-        tgt = torch.cat([target_masks[b][j.to(device)] for b, (_, j) in enumerate(indices)])  # [n, H, W]
-        src = src.float()[:, None]
-        with torch.no_grad():
-            point_coords = coords.get("loss")
-            if point_coords is None:
-                point_coords = get_uncertain_point_coords_with_randomness(
-                    src,
-                    self.num_points,
-                    self.oversample_ratio,
-                    self.importance_sample_ratio,
-                    oversampled_coords=coords.get("loss_oversampled"),
-                    random_perm=coords.get("loss_perm"),
-                    generator=generator,
+    ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Every random draw of the step, in the reference's order (per layer: matcher points image by
+        image, then the loss candidates and the permutation); injected ``point_coords`` replace draws.
+
+        Returns:
+            ``(matcher points [L, B, P, 2], per layer {"loss"} or {"oversampled", "perm"})``.
+        """
+        num_sampled = int(self.num_points * self.oversample_ratio)
+        num_uncertain = int(self.importance_sample_ratio * self.num_points)
+        matcher: list[Tensor] = []
+        loss: list[dict[str, Tensor]] = []
+        for li in range(num_layers):
+            coords = point_coords[li] if point_coords is not None else {}
+            given = coords.get("matcher")
+            if given is None:
+                matcher += [
+                    torch.rand(1, self.num_points, 2, device=device, generator=generator)
+                    for _ in range(batch)
+                ]
+            else:
+                matcher.append(given.to(device=device, dtype=torch.float32))
+            if coords.get("loss") is not None:
+                loss.append({"loss": coords["loss"].to(device=device, dtype=torch.float32)})
+                continue
+            over = coords.get("loss_oversampled")
+            if over is None:
+                over = torch.rand(num_matched, num_sampled, 2, device=device, generator=generator)
+            perm = coords.get("loss_perm")
+            if perm is None:
+                perm = torch.randperm(num_sampled - num_uncertain, device=device, generator=generator)
+            loss.append({"oversampled": over.to(device=device, dtype=torch.float32), "perm": perm.to(device)})
+        return torch.cat(matcher).view(num_layers, batch, self.num_points, 2), loss
+
+    def _loss_points(self, src: Tensor, draws: list[dict[str, Tensor]], num_matched: int) -> Tensor:
+        """``[L*n, P, 2]`` loss points of the matched logits ``src [L*n, 1, h, w]`` (layer-major)."""
+        sampled = [li for li, d in enumerate(draws) if "loss" not in d]
+        if len(sampled) == len(draws):  # the usual case: every layer samples, in one batched call
+            return get_uncertain_point_coords_with_randomness(
+                src,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+                oversampled_coords=torch.cat([d["oversampled"] for d in draws]),
+                random_perm=torch.stack([d["perm"] for d in draws]),
+            )
+        rows = src.split(num_matched)
+        out = []
+        for li, d in enumerate(draws):
+            if "loss" in d:
+                out.append(d["loss"])
+            else:
+                out.append(
+                    get_uncertain_point_coords_with_randomness(
+                        rows[li],
+                        self.num_points,
+                        self.oversample_ratio,
+                        self.importance_sample_ratio,
+                        oversampled_coords=d["oversampled"],
+                        random_perm=d["perm"],
+                    )
                 )
-            point_coords = point_coords.to(device=device, dtype=torch.float32)
-            point_labels = point_sample(tgt.float()[:, None], point_coords)[:, 0]
-        point_logits = point_sample(src, point_coords)[:, 0]
-        loss_mask = point_bce_loss(point_logits, point_labels, num_masks)
-        loss_dice = point_dice_loss(point_logits, point_labels, num_masks)
-        return loss_mask, loss_dice, {"indices": indices, "loss_point_coords": point_coords}
+        return torch.cat(out)
+
+    def _set_losses(
+        self,
+        layers: list[Tensor],
+        targets: PaddedTargets,
+        num_masks: float | Tensor,
+        point_coords: list[dict[str, Tensor]] | None,
+        generator: torch.Generator | None,
+        sync_with: Tensor | None,
+    ) -> tuple[Tensor, Tensor, list[dict[str, object]], Tensor | None]:
+        """BCE and dice of every layer (``[L]`` each, unweighted), per-layer details and ``sync_with`` on
+        the host."""
+        preds = torch.stack(layers).float()  # [L, B, Q, h, w]
+        num_layers, batch, queries, h, w = preds.shape
+        device = preds.device
+        tgt_masks = self._pad_targets(targets.masks.to(device), (h, w))  # [B, M, Hp, Wp]
+        num_matched = sum(min(queries, c) for c in targets.counts)
+        matcher_coords, draws = self._draw_points(
+            num_layers, batch, num_matched, device, point_coords, generator
+        )
+        indices, flat, synced = self.matcher.match_layers(
+            preds, tgt_masks, targets.counts, matcher_coords, sync_with
+        )
+        src_index, tgt_index = flat.to(device, non_blocking=True)
+        src = preds.flatten(0, 2).index_select(0, src_index)[:, None]  # [L*n, 1, h, w]
+        with torch.no_grad():
+            point_coords_all = self._loss_points(src, draws, num_matched)
+            tgt = tgt_masks.flatten(0, 1).index_select(0, tgt_index)  # [L*n, Hp, Wp]
+            point_labels = point_sample(tgt.float()[:, None], point_coords_all)[:, 0]
+        point_logits = point_sample(src, point_coords_all)[:, 0]
+        loss_mask = point_bce_loss(point_logits, point_labels, num_masks, num_layers)
+        loss_dice = point_dice_loss(point_logits, point_labels, num_masks, num_layers)
+        per_layer_points = point_coords_all.split(num_matched) if num_layers else []
+        details = [
+            {"indices": layer_indices, "loss_point_coords": pts}
+            for layer_indices, pts in zip(indices, per_layer_points)
+        ]
+        return loss_mask, loss_dice, details, synced
 
     def fewshot_term(self, pred_masks: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Unweighted few-shot dice on the best proposal.
@@ -193,41 +307,56 @@ class POSCriterion(nn.Module):
     def compute(
         self,
         pos_out: dict,
-        targets: list[dict[str, Tensor]],
+        targets: PaddedTargets | Sequence[dict[str, Tensor]],
         fewshot_label: Tensor | None = None,
         point_coords: list[dict[str, Tensor]] | None = None,
         generator: torch.Generator | None = None,
+        sync_with: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, object]]:
         """Losses and diagnostics.
 
+        Args:
+            pos_out: POS outputs (``pred_masks [B, Q, h, w]`` and ``aux_outputs``).
+            targets: :class:`PaddedTargets`, or B dicts ``{"masks": [M_b, H, W]}``.
+            fewshot_label: ``[B, H, W]`` {0, 1, 255} binary label of the sampled class, or None.
+            point_coords: injected points (module docstring).
+            generator: random source of the points that are not injected.
+            sync_with: an optional small device tensor copied to the host together with the cost
+                matrices (the step's one device-to-host copy; e.g. the outputs' finiteness flags).
+
         Returns:
             ``(weighted losses, details)``; details hold ``unweighted`` losses, ``num_masks``, per-layer
-            ``layers`` (indices and the loss points used) and, with a label, ``fewshot_index`` and
+            ``layers`` (indices and the loss points used), ``synced`` (``sync_with`` on the host, or None)
+            and, with a label, ``fewshot_index`` and
             ``fewshot_ious``.
         """
         with torch.autocast(device_type=pos_out["pred_masks"].device.type, enabled=False):
             layers = [pos_out["pred_masks"]] + [a["pred_masks"] for a in pos_out.get("aux_outputs", [])]
             suffixes = [""] + [f"_{i}" for i in range(len(layers) - 1)]
-            pred_hw = tuple(layers[0].shape[-2:])
-            target_masks = [self._pad_targets(t["masks"].to(layers[0].device), pred_hw) for t in targets]
-            num_masks = _global_num_masks(sum(int(t.shape[0]) for t in target_masks), layers[0].device)
+            padded = _as_padded(targets)
+            num_masks = _global_num_masks(sum(padded.counts), layers[0].device)
+            loss_mask, loss_dice, layer_details, synced = self._set_losses(
+                layers, padded, num_masks, point_coords, generator, sync_with
+            )
+            weighted_mask, weighted_dice = self.mask_weight * loss_mask, self.dice_weight * loss_dice
             losses: dict[str, Tensor] = {}
             unweighted: dict[str, Tensor] = {}
-            layer_details = []
-            for li, (pred, suffix) in enumerate(zip(layers, suffixes)):
-                coords = point_coords[li] if point_coords is not None else {}
-                loss_mask, loss_dice, info = self._layer_losses(
-                    pred, target_masks, num_masks, coords, generator
-                )
-                unweighted[f"loss_mask{suffix}"] = loss_mask
-                unweighted[f"loss_dice{suffix}"] = loss_dice
-                losses[f"loss_mask{suffix}"] = self.mask_weight * loss_mask
-                losses[f"loss_dice{suffix}"] = self.dice_weight * loss_dice
-                layer_details.append(info)
+            for suffix, lm, ld, wm, wd in zip(
+                suffixes,
+                loss_mask.unbind(),
+                loss_dice.unbind(),
+                weighted_mask.unbind(),
+                weighted_dice.unbind(),
+            ):
+                unweighted[f"loss_mask{suffix}"] = lm
+                unweighted[f"loss_dice{suffix}"] = ld
+                losses[f"loss_mask{suffix}"] = wm
+                losses[f"loss_dice{suffix}"] = wd
             details: dict[str, object] = {
                 "unweighted": unweighted,
                 "num_masks": num_masks,
                 "layers": layer_details,
+                "synced": synced,
             }
             if fewshot_label is not None:
                 dice, index, ious = self.fewshot_term(layers[0], fewshot_label.to(layers[0].device))
@@ -279,7 +408,11 @@ class MaskMatchingCriterion(nn.Module):
             em = torch.stack(
                 [s_hat.gather(1, iou_argmin[:, None])[:, 0], s_hat.gather(1, iou_argmax[:, None])[:, 0]], 1
             )
-            target = torch.tensor([0.0, 1.0], device=em.device).expand_as(em)
+            # A diverged similarity (NaN) would stop the BCE kernel (an error on the CPU, a device assert on
+            # CUDA) before the caller's non-finite check could name it; finite values pass unchanged.
+            em = torch.nan_to_num(em, nan=0.0, posinf=1.0, neginf=0.0)
+            # [0, 1] made on the device: a tensor from a Python list would be a blocking host-to-device copy.
+            target = torch.arange(2, device=em.device, dtype=em.dtype).expand_as(em)
             # torch's BCE (autocast is off here): its clamped log and clamped backward stay finite when the
             # normalised similarity is exactly 0 or 1 (whenever argmin/argmax of S and of the IoU agree).
             bce = F.binary_cross_entropy(em, target)

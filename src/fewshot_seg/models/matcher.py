@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -14,32 +15,33 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Mean sigmoid-BCE over points between every prediction and every target.
 
     Args:
-        inputs: ``[Q, P]`` logits.
-        targets: ``[n, P]`` values in ``[0, 1]``.
+        inputs: ``[..., Q, P]`` logits.
+        targets: ``[..., n, P]`` values in ``[0, 1]`` (the same leading dims: one problem each).
 
     Returns:
-        ``[Q, n]`` costs.
+        ``[..., Q, n]`` costs.
     """
-    num_points = inputs.shape[1]
+    num_points = inputs.shape[-1]
     pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
     neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
     # BCE is linear in the target, so all pairs come from two matrix products.
-    return (pos @ targets.T + neg @ (1 - targets).T) / num_points
+    t = targets.transpose(-1, -2)
+    return (pos @ t + neg @ (1 - t)) / num_points
 
 
 def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     """Dice cost ``1 - (2 sum(sig*t) + 1) / (sum sig + sum t + 1)`` for every pair.
 
     Args:
-        inputs: ``[Q, P]`` logits.
-        targets: ``[n, P]`` values in ``[0, 1]``.
+        inputs: ``[..., Q, P]`` logits.
+        targets: ``[..., n, P]`` values in ``[0, 1]``.
 
     Returns:
-        ``[Q, n]`` costs.
+        ``[..., Q, n]`` costs.
     """
     probs = inputs.sigmoid()
-    numerator = 2 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    numerator = 2 * probs @ targets.transpose(-1, -2)
+    denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -118,3 +120,87 @@ class HungarianMatcher(nn.Module):
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
         return indices
+
+    @torch.no_grad()
+    def layer_costs(self, preds: Tensor, targets: Tensor, point_coords: Tensor) -> Tensor:
+        """Weighted cost matrices of every layer and image in a few batched operations.
+
+        Args:
+            preds: ``[L, B, Q, h, w]`` logits.
+            targets: ``[B, M, H', W']`` padded binary masks covering the same extent.
+            point_coords: ``[L, B, P, 2]`` the matcher's points of every layer and image.
+
+        Returns:
+            ``[L, B, Q, M]`` float32 costs (columns of padding rows are meaningless).
+        """
+        num_layers, batch, queries = preds.shape[:3]
+        num_points, width = point_coords.shape[2], targets.shape[1]
+        with torch.autocast(device_type=preds.device.type, enabled=False):
+            if width == 0:
+                return preds.new_zeros((num_layers, batch, queries, 0), dtype=torch.float32)
+            out = point_sample(preds.float().flatten(0, 1), point_coords.flatten(0, 1))  # [L*B, Q, P]
+            # Every layer's points of an image in one call: [B, M, L*P] -> [L, B, M, P].
+            per_image = point_coords.transpose(0, 1).reshape(batch, num_layers * num_points, 2)
+            tgt = point_sample(targets.float(), per_image).view(batch, width, num_layers, num_points)
+            tgt = tgt.permute(2, 0, 1, 3)
+            out = out.view(num_layers, batch, queries, num_points)
+            return self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(
+                out, tgt
+            )
+
+    @torch.no_grad()
+    def match_layers(
+        self,
+        preds: Tensor,
+        targets: Tensor,
+        counts: list[int],
+        point_coords: Tensor,
+        sync_with: Tensor | None = None,
+    ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor, Tensor | None]:
+        """Match every layer and image with one device-to-host copy.
+
+        The cost matrices (:meth:`layer_costs`) and ``sync_with`` travel to the host together; scipy solves
+        each ``[Q, counts[b]]`` problem there. Non-finite costs (diverged outputs) are replaced by large
+        finite ones, so the step completes and the caller decides (``fewshot_seg.lightning.finite``).
+
+        Args:
+            preds: ``[L, B, Q, h, w]`` logits.
+            targets: ``[B, M, H', W']`` padded masks; image b has ``counts[b]`` real ones.
+            counts: targets per image (host).
+            point_coords: ``[L, B, P, 2]``.
+            sync_with: an optional small tensor to bring to the host in the same copy.
+
+        Returns:
+            ``(indices, flat, synced)``: ``indices[l][b] = (pred_idx ascending, tgt_idx)`` int64 CPU
+            tensors; ``flat`` ``[2, L*n]`` the pairs as row indices into ``preds.flatten(0, 2)`` and
+            ``targets.flatten(0, 1)`` (layer-major, then image, then prediction index); ``synced`` is
+            ``sync_with`` on the host (float32, flattened) or None.
+        """
+        num_layers, batch, queries = preds.shape[:3]
+        width = targets.shape[1]
+        cost = self.layer_costs(preds, targets, point_coords)
+        parts = [cost.flatten()] + ([sync_with.detach().float().flatten()] if sync_with is not None else [])
+        host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
+        costs = host[: cost.numel()].view(num_layers, batch, queries, width).numpy()
+        synced = host[cost.numel() :] if sync_with is not None else None
+        if not np.isfinite(costs).all():
+            costs = np.nan_to_num(costs, nan=1e30, posinf=1e30, neginf=-1e30)
+        indices: list[list[tuple[Tensor, Tensor]]] = []
+        src_rows, tgt_rows = [], []
+        for li in range(num_layers):
+            layer = []
+            for b in range(batch):
+                rows, cols = linear_sum_assignment(costs[li, b, :, : counts[b]])
+                # from_numpy: a host tensor sharing the array, nothing dispatched.
+                layer.append(
+                    (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64)))
+                )
+                src_rows.append((li * batch + b) * queries + rows)
+                tgt_rows.append(b * width + cols)
+            indices.append(layer)
+        flat = torch.from_numpy(
+            np.stack([np.concatenate(src_rows), np.concatenate(tgt_rows)]).astype(np.int64)
+        )
+        if preds.device.type == "cuda":
+            flat = flat.pin_memory()  # then the copy to the device does not wait for the queue
+        return indices, flat, synced

@@ -160,6 +160,21 @@ def ms_deform_attn_core_grid_sample(
     return out.reshape(n, m * d, lq).transpose(1, 2).contiguous()
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor made once per (values, dtype, device): a tensor from Python values is a
+    blocking host-to-device copy on a GPU, at every layer of every step otherwise. Read only."""
+    key = (values, dtype, device, torch.is_inference_mode_enabled())
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
+
+
 def _level_layout(shapes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
     """Start of every level in the flattened values and in the padded gather table, and the table length."""
     starts, padded_starts = [], []
@@ -209,8 +224,10 @@ class _GatherCore(torch.autograd.Function):
         table = table.view(rows, d)
 
         # Per-point constants [2, LP]: row 0 for x (width), row 1 for y (height).
-        consts = torch.tensor([[w, h, w + 2 * _PAD, sp0] for (h, w), sp0 in zip(shapes, padded_starts)])
-        consts = consts.repeat_interleave(num_points, dim=0).t().to(device)  # [4, LP]
+        per_level = tuple((w, h, w + 2 * _PAD, sp0) for (h, w), sp0 in zip(shapes, padded_starts))
+        consts = _constant(
+            tuple(row for row in per_level for _ in range(num_points)), torch.int64, device
+        ).t()
         size = consts[:2].to(dtype)  # (W_l, H_l)
         # Pixel coordinate in the padded frame: x*W - 0.5 (align_corners=False) + PAD.
         pix = torch.empty(bags, 2, lp, dtype=dtype, device=device)
@@ -238,8 +255,8 @@ class _GatherCore(torch.autograd.Function):
 
         attn = attention_weights.reshape(bags, lp)
         # Linear weights [B, 2 (x, y), 2 (neighbour 0, 1), LP] = (1 - f, f) in one op.
-        lin = torch.tensor([[1.0], [0.0]], dtype=dtype, device=device)
-        slope = torch.tensor([[-1.0], [1.0]], dtype=dtype, device=device)
+        lin = _constant(((1.0,), (0.0,)), dtype, device)
+        slope = _constant(((-1.0,), (1.0,)), dtype, device)
         axis_weights = torch.addcmul(lin, frac.unsqueeze(2), slope)
         attn_y = axis_weights[:, 1] * attn.unsqueeze(1)  # [B, 2 (dy), LP]
         weights = (attn_y.unsqueeze(2) * axis_weights[:, 0].unsqueeze(1)).view(bags, 4 * lp)
@@ -480,7 +497,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # Offsets are in pixels of each level: normalise by (W_l, H_l) to match the (x, y) layout.
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        normalizer = _constant(tuple((w, h) for h, w in shapes), query.dtype, query.device)
         locations = (
             reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         )

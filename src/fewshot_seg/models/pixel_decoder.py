@@ -138,6 +138,18 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         ref = torch.cat(points, dim=0)  # [S, 2]
         return ref[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
 
+    def _cached_reference_points(
+        self, spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device
+    ) -> Tensor:
+        """:meth:`reference_points`, made once per (shapes, batch, device): they depend on nothing else."""
+        cache: dict[tuple, Tensor] = self.__dict__.setdefault("_ref_cache", {})
+        key = (tuple(spatial_shapes), batch, device, torch.is_inference_mode_enabled())
+        if key not in cache:
+            if len(cache) >= 16:
+                cache.clear()
+            cache[key] = self.reference_points(spatial_shapes, batch, device)
+        return cache[key]
+
     def forward(
         self, srcs: Sequence[Tensor], pos_embeds: Sequence[Tensor]
     ) -> tuple[Tensor, list[tuple[int, int]]]:
@@ -151,7 +163,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             ],
             dim=1,
         )
-        ref = self.reference_points(spatial_shapes, src_flat.shape[0], src_flat.device)
+        ref = self._cached_reference_points(spatial_shapes, src_flat.shape[0], src_flat.device)
         return self.encoder(src_flat, pos_flat, ref, spatial_shapes), spatial_shapes
 
 

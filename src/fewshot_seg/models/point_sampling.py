@@ -55,7 +55,8 @@ def get_uncertain_point_coords_with_randomness(
         importance_sample_ratio: fraction of P taken by uncertainty.
         oversampled_coords: optional injected candidates ``[n, int(ratio*P), 2]`` (tests / parity).
         random_perm: optional injected permutation indices ``[P - int(importance*P)]`` into the sorted
-            remaining candidates.
+            remaining candidates; or ``[G, ...]``, one permutation per group of ``n / G`` consecutive masks
+            (the criterion's decoder layers, each with its own draw).
         generator: random generator for the draws that are not injected (default: global RNG).
 
     Returns:
@@ -76,6 +77,12 @@ def get_uncertain_point_coords_with_randomness(
         idx_rest = uncertainty.topk(num_sampled - num_uncertain, dim=1, largest=False).indices
     if random_perm is None:
         random_perm = torch.randperm(num_sampled - num_uncertain, device=logits.device, generator=generator)
-    random_perm = random_perm[:num_random].to(logits.device)
-    idx = torch.cat([idx_uncertain, idx_rest[:, random_perm]], dim=1)
+    random_perm = random_perm[..., :num_random].to(logits.device)
+    if random_perm.dim() == 1:
+        chosen = idx_rest[:, random_perm]
+    else:  # per group: the same rows of idx_rest as indexing with each group's permutation
+        groups = random_perm.shape[0]
+        rest = idx_rest.view(groups, num_masks // max(groups, 1), idx_rest.shape[1])
+        chosen = rest.gather(2, random_perm[:, None, :].expand(-1, rest.shape[1], -1)).flatten(0, 1)
+    idx = torch.cat([idx_uncertain, chosen], dim=1)
     return torch.gather(oversampled_coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))

@@ -32,8 +32,24 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._cache: dict[tuple, Tensor] = {}
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Encode the positions of ``x`` (:meth:`encode`); without a mask the encoding depends on the
+        shape alone, so it is computed once per (shape, device) and then returned from a cache (about 25
+        tensor operations saved per call; callers use it out of place)."""
+        if mask is not None:
+            return self.encode(x, mask)
+        key = (tuple(x.shape[:1] + x.shape[2:]), x.device, torch.is_inference_mode_enabled())
+        pos = self._cache.get(key)
+        if pos is None:
+            if len(self._cache) >= 16:  # input sizes vary (tests, several sizes): keep it small
+                self._cache.clear()
+            with torch.no_grad():
+                pos = self._cache[key] = self.encode(x)
+        return pos
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Encode the positions of ``x``.
 
         Args:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -122,31 +124,54 @@ class HungarianMatcher(nn.Module):
         return indices
 
     @torch.no_grad()
-    def layer_costs(self, preds: Tensor, targets: Tensor, point_coords: Tensor) -> Tensor:
-        """Weighted cost matrices of every layer and image in a few batched operations.
+    def layer_costs(self, preds: Tensor, targets: Tensor, counts: Sequence[int], point_coords: Tensor) -> Tensor:
+        """Weighted cost matrices of every layer and image, bit for bit those of :meth:`costs`.
+
+        The point samples are taken in two batched calls. The products are not one batched product over
+        the padded targets: a CPU BLAS sums a ``[Q, P] @ [P, n]`` product in an order that depends on
+        ``n`` and on whether it is batched, so a padded or batched product changes the costs in the last
+        bit, and a near-tie then flips an assignment (a different training run). Images are grouped by
+        their target count ``n`` instead: one batched product per group (it gives :meth:`costs`' bits for
+        ``n >= 2``); one-target images are matrix-vector products, one per (layer, image) as before.
 
         Args:
             preds: ``[L, B, Q, h, w]`` logits.
             targets: ``[B, M, H', W']`` padded binary masks covering the same extent.
+            counts: the real targets of each image (host ints, ``counts[b] <= M``).
             point_coords: ``[L, B, P, 2]`` the matcher's points of every layer and image.
 
         Returns:
-            ``[L, B, Q, M]`` float32 costs (columns of padding rows are meaningless).
+            ``[L, B, Q, M]`` float32 costs (the columns of padding targets are 0).
         """
         num_layers, batch, queries = preds.shape[:3]
         num_points, width = point_coords.shape[2], targets.shape[1]
         with torch.autocast(device_type=preds.device.type, enabled=False):
+            cost = preds.new_zeros((num_layers, batch, queries, width), dtype=torch.float32)
             if width == 0:
-                return preds.new_zeros((num_layers, batch, queries, 0), dtype=torch.float32)
+                return cost
             out = point_sample(preds.float().flatten(0, 1), point_coords.flatten(0, 1))  # [L*B, Q, P]
             # Every layer's points of an image in one call: [B, M, L*P] -> [L, B, M, P].
             per_image = point_coords.transpose(0, 1).reshape(batch, num_layers * num_points, 2)
             tgt = point_sample(targets.float(), per_image).view(batch, width, num_layers, num_points)
             tgt = tgt.permute(2, 0, 1, 3)
             out = out.view(num_layers, batch, queries, num_points)
-            return self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(
-                out, tgt
-            )
+            for n in sorted(set(counts) - {0}):
+                images = [b for b, c in enumerate(counts) if c == n]
+                # Contiguous [G, Q, P] and [G, n, P]: the products then run as costs()' do (transposed B).
+                group_out = out[:, images].flatten(0, 1)
+                group_tgt = tgt[:, images, :n].flatten(0, 1).contiguous()
+                if n == 1:
+                    group_cost = torch.stack(
+                        [self._weighted(group_out[g], group_tgt[g]) for g in range(group_out.shape[0])]
+                    )
+                else:
+                    group_cost = self._weighted(group_out, group_tgt)
+                cost[:, images, :, :n] = group_cost.view(num_layers, len(images), queries, n)
+        return cost
+
+    def _weighted(self, out: Tensor, tgt: Tensor) -> Tensor:
+        """``cost_mask * BCE + cost_dice * dice`` of ``[..., Q, P]`` logits against ``[..., n, P]``."""
+        return self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(out, tgt)
 
     @torch.no_grad()
     def match_layers(
@@ -178,7 +203,7 @@ class HungarianMatcher(nn.Module):
         """
         num_layers, batch, queries = preds.shape[:3]
         width = targets.shape[1]
-        cost = self.layer_costs(preds, targets, point_coords)
+        cost = self.layer_costs(preds, targets, counts, point_coords)
         parts = [cost.flatten()] + ([sync_with.detach().float().flatten()] if sync_with is not None else [])
         host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
         costs = host[: cost.numel()].view(num_layers, batch, queries, width).numpy()

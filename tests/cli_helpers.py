@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
@@ -68,3 +71,22 @@ BACKBONE_CONFIGS = {
     "backbone_swin_base.yaml": "timm:swin_tiny_patch4_window7_224",
     "backbone_dinov2_vitb14.yaml": "timm:vit_small_patch14_dinov2",
 }
+
+
+def run_two_processes(args: list[str], cwd: Path, pythonpath: Path | None = None) -> str:
+    """``python -m fewshot_seg.cli <args>`` as a 2-process gloo run on the CPU (the caller adds the
+    arguments that ask for 2 devices); fails unless it exited 0 as DDP. Returns its stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    if pythonpath is not None:  # e.g. the tests folder, for a recorder callback in a config
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "fewshot_seg.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed_backend=gloo" in proc.stderr + proc.stdout, "did not run as 2-process DDP"
+    return proc.stdout

@@ -4,15 +4,12 @@ and an exact resume. Slow: every run is a real ``fewshot-seg fit`` launched as 2
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import GEN, STAGE1, run_dir_args, tiny_data
+from cli_helpers import GEN, STAGE1, run_dir_args, run_two_processes, tiny_data
 
 from datamodules import SyntheticDataModule
 from fewshot_seg.cli import main
@@ -41,23 +38,8 @@ def _args(root: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def _ddp(args: list[str], cwd: Path) -> None:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fewshot_seg.cli", *args, *ddp],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "distributed_backend=gloo" in proc.stderr + proc.stdout, "did not run as 2-process DDP"
+    run_two_processes([*args, *ddp], cwd, pythonpath=TESTS)
 
 
 def _recorder(out: Path) -> list[str]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_two_processes
 from PIL import Image
 from pycocotools.coco import COCO
 from test_multiclass import _two_class_episode
@@ -271,18 +269,7 @@ def _coco_by_name(out: Path) -> dict[str, list[dict]]:
 
 def _two_processes(args: list[str], cwd: Path) -> str:
     """``python -m fewshot_seg.cli segment ... --devices 2`` on the CPU (gloo), as DDP launches it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fewshot_seg.cli", "segment", *args, "--devices", "2"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "distributed_backend=gloo" in proc.stderr + proc.stdout, "did not run as 2-process DDP"
-    return proc.stdout
+    return run_two_processes(["segment", *args, "--devices", "2"], cwd)
 
 
 @pytest.mark.slow

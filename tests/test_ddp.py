@@ -10,14 +10,11 @@ list without one, and FewShotIoU sums the states of both processes.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import STAGE1, STAGE2, run_dir_args, tiny_data
+from cli_helpers import STAGE1, STAGE2, run_dir_args, run_two_processes, tiny_data
 
 from fewshot_seg.cli import main
 
@@ -112,18 +109,8 @@ def test_ddp_test_matches_single_process(synthetic_root: Path, tmp_path: Path) -
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
     ]
-    # One intra-op thread per rank: as this process (conftest), and 2 ranks on a 2-core machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "fewshot_seg.cli", *test_args, *run_dir_args(tmp_path / "ddp", "t"), *ddp],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "distributed_backend=gloo" in proc.stderr + proc.stdout, "did not run as 2-process DDP"
+    # One intra-op thread per rank (run_two_processes): as this process (conftest), 2 ranks on 2 cores.
+    run_two_processes([*test_args, *run_dir_args(tmp_path / "ddp", "t"), *ddp], tmp_path)
     multi = json.loads((tmp_path / "ddp" / "fewshot-seg" / "t" / "results.json").read_text())
 
     # Every episode scored exactly once, in both runs; the per-class numbers are not all 0.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,13 +12,25 @@ from torch import Tensor, nn
 
 from fewshot_seg.models.point_sampling import point_sample
 
+MatMul = Callable[[Tensor, Tensor], Tensor]
 
-def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+
+def per_matrix_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of ``[G, Q, P]`` and ``[G, P, n]`` as G separate products.
+
+    A CPU BLAS runs a one-column product as a matrix-vector product, whose sums a batched product does not
+    reproduce bit for bit; products with more columns batch without changing a bit.
+    """
+    return torch.stack([x @ y for x, y in zip(a.unbind(0), b.unbind(0), strict=True)])
+
+
+def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor, matmul: MatMul = torch.matmul) -> Tensor:
     """Mean sigmoid-BCE over points between every prediction and every target.
 
     Args:
         inputs: ``[..., Q, P]`` logits.
         targets: ``[..., n, P]`` values in ``[0, 1]`` (the same leading dims: one problem each).
+        matmul: the matrix product (``per_matrix_matmul`` for one-target problems).
 
     Returns:
         ``[..., Q, n]`` costs.
@@ -28,23 +40,33 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
     # BCE is linear in the target, so all pairs come from two matrix products.
     t = targets.transpose(-1, -2)
-    return (pos @ t + neg @ (1 - t)) / num_points
+    return (matmul(pos, t) + matmul(neg, 1 - t)) / num_points
 
 
-def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
+def batch_dice_cost(inputs: Tensor, targets: Tensor, matmul: MatMul = torch.matmul) -> Tensor:
     """Dice cost ``1 - (2 sum(sig*t) + 1) / (sum sig + sum t + 1)`` for every pair.
 
     Args:
         inputs: ``[..., Q, P]`` logits.
         targets: ``[..., n, P]`` values in ``[0, 1]``.
+        matmul: the matrix product (``per_matrix_matmul`` for one-target problems).
 
     Returns:
         ``[..., Q, n]`` costs.
     """
     probs = inputs.sigmoid()
-    numerator = 2 * probs @ targets.transpose(-1, -2)
+    numerator = matmul(2 * probs, targets.transpose(-1, -2))
     denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
+
+
+def _host_index(values: list[int], device: torch.device) -> Tensor:
+    """An int64 index tensor of host values on ``device``; on CUDA copied from pinned memory without
+    blocking (a pageable copy would wait for the queue: a host sync)."""
+    index = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index
 
 
 class HungarianMatcher(nn.Module):
@@ -124,7 +146,9 @@ class HungarianMatcher(nn.Module):
         return indices
 
     @torch.no_grad()
-    def layer_costs(self, preds: Tensor, targets: Tensor, counts: Sequence[int], point_coords: Tensor) -> Tensor:
+    def layer_costs(
+        self, preds: Tensor, targets: Tensor, counts: Sequence[int], point_coords: Tensor
+    ) -> Tensor:
         """Weighted cost matrices of every layer and image, bit for bit those of :meth:`costs`.
 
         The point samples are taken in two batched calls. The products are not one batched product over
@@ -132,7 +156,9 @@ class HungarianMatcher(nn.Module):
         ``n`` and on whether it is batched, so a padded or batched product changes the costs in the last
         bit, and a near-tie then flips an assignment (a different training run). Images are grouped by
         their target count ``n`` instead: one batched product per group (it gives :meth:`costs`' bits for
-        ``n >= 2``); one-target images are matrix-vector products, one per (layer, image) as before.
+        ``n >= 2``); one-target images take one product per (layer, image) (``per_matrix_matmul``). The
+        elementwise parts run batched: the same bits whenever ``Q x P`` is a multiple of 64 (the CPU's
+        vector kernels compute a remainder with scalar code).
 
         Args:
             preds: ``[L, B, Q, h, w]`` logits.
@@ -156,22 +182,16 @@ class HungarianMatcher(nn.Module):
             tgt = tgt.permute(2, 0, 1, 3)
             out = out.view(num_layers, batch, queries, num_points)
             for n in sorted(set(counts) - {0}):
-                images = [b for b, c in enumerate(counts) if c == n]
-                # Contiguous [G, Q, P] and [G, n, P]: the products then run as costs()' do (transposed B).
-                group_out = out[:, images].flatten(0, 1)
-                group_tgt = tgt[:, images, :n].flatten(0, 1).contiguous()
-                if n == 1:
-                    group_cost = torch.stack(
-                        [self._weighted(group_out[g], group_tgt[g]) for g in range(group_out.shape[0])]
-                    )
-                else:
-                    group_cost = self._weighted(group_out, group_tgt)
-                cost[:, images, :, :n] = group_cost.view(num_layers, len(images), queries, n)
+                images = _host_index([b for b, c in enumerate(counts) if c == n], preds.device)
+                # Contiguous [L*G, Q, P] and [L*G, n, P]: the products run as costs()' do (transposed B).
+                group_out = out.index_select(1, images).flatten(0, 1)
+                group_tgt = tgt[:, :, :n].index_select(1, images).flatten(0, 1).contiguous()
+                matmul = per_matrix_matmul if n == 1 else torch.matmul
+                group_cost = self.cost_mask * batch_sigmoid_ce_cost(
+                    group_out, group_tgt, matmul
+                ) + self.cost_dice * batch_dice_cost(group_out, group_tgt, matmul)
+                cost[..., :n].index_copy_(1, images, group_cost.view(num_layers, -1, queries, n))
         return cost
-
-    def _weighted(self, out: Tensor, tgt: Tensor) -> Tensor:
-        """``cost_mask * BCE + cost_dice * dice`` of ``[..., Q, P]`` logits against ``[..., n, P]``."""
-        return self.cost_mask * batch_sigmoid_ce_cost(out, tgt) + self.cost_dice * batch_dice_cost(out, tgt)
 
     @torch.no_grad()
     def match_layers(

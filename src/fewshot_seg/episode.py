@@ -140,6 +140,14 @@ class EpisodeBatch:
         return self._map(lambda t: t.pin_memory())
 
 
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory without blocking, so that the copy does
+    not wait for the kernels already queued (a pageable copy would: a host sync)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def collate_episodes(samples: Sequence[dict]) -> EpisodeBatch:
     """Stack per-episode dicts (keys = the ``EpisodeBatch`` fields, without the batch dimension)."""
     if not samples:

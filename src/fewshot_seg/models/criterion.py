@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot_seg.episode import IGNORE_INDEX
+from fewshot_seg.episode import IGNORE_INDEX, host_to_device
 from fewshot_seg.models.matcher import HungarianMatcher
 from fewshot_seg.models.point_sampling import get_uncertain_point_coords_with_randomness, point_sample
 from fewshot_seg.models.selection import (
@@ -273,7 +273,7 @@ class POSCriterion(nn.Module):
         indices, flat, synced = self.matcher.match_layers(
             preds, tgt_masks, targets.counts, matcher_coords, sync_with
         )
-        src_index, tgt_index = flat.to(device, non_blocking=True)
+        src_index, tgt_index = host_to_device(flat, device)
         src = preds.flatten(0, 2).index_select(0, src_index)[:, None]  # [L*n, 1, h, w]
         with torch.no_grad():
             point_coords_all = self._loss_points(src, draws, num_matched)

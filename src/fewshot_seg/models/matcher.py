@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from fewshot_seg.episode import host_to_device
 from fewshot_seg.models.point_sampling import point_sample
 
 MatMul = Callable[[Tensor, Tensor], Tensor]
@@ -58,15 +59,6 @@ def batch_dice_cost(inputs: Tensor, targets: Tensor, matmul: MatMul = torch.matm
     numerator = matmul(2 * probs, targets.transpose(-1, -2))
     denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
-
-
-def _host_index(values: list[int], device: torch.device) -> Tensor:
-    """An int64 index tensor of host values on ``device``; on CUDA copied from pinned memory without
-    blocking (a pageable copy would wait for the queue: a host sync)."""
-    index = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index
 
 
 class HungarianMatcher(nn.Module):
@@ -182,7 +174,8 @@ class HungarianMatcher(nn.Module):
             tgt = tgt.permute(2, 0, 1, 3)
             out = out.view(num_layers, batch, queries, num_points)
             for n in sorted(set(counts) - {0}):
-                images = _host_index([b for b, c in enumerate(counts) if c == n], preds.device)
+                group = [b for b, c in enumerate(counts) if c == n]
+                images = host_to_device(torch.tensor(group, dtype=torch.int64), preds.device)
                 # Contiguous [L*G, Q, P] and [L*G, n, P]: the products run as costs()' do (transposed B).
                 group_out = out.index_select(1, images).flatten(0, 1)
                 group_tgt = tgt[:, :, :n].index_select(1, images).flatten(0, 1).contiguous()
@@ -246,6 +239,4 @@ class HungarianMatcher(nn.Module):
         flat = torch.from_numpy(
             np.stack([np.concatenate(src_rows), np.concatenate(tgt_rows)]).astype(np.int64)
         )
-        if preds.device.type == "cuda":
-            flat = flat.pin_memory()  # then the copy to the device does not wait for the queue
         return indices, flat, synced

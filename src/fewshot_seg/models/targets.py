@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fewshot_seg.episode import IGNORE_INDEX
+from fewshot_seg.episode import IGNORE_INDEX, host_to_device
 
 
 def label_values(semantic: Tensor) -> list[tuple[int, ...]]:
@@ -58,9 +58,7 @@ class PaddedTargets:
         table = torch.full((len(values), width), -1, dtype=torch.int64)
         for b, v in enumerate(values):
             table[b, : len(v)] = torch.as_tensor(list(v), dtype=torch.int64)
-        if semantic.is_cuda:  # pinned: the copy does not wait for the kernels already queued
-            table = table.pin_memory()
-        table = table.to(semantic.device, non_blocking=True)
+        table = host_to_device(table, semantic.device)
         return cls(semantic[:, None] == table[:, :, None, None], counts)
 
     @classmethod

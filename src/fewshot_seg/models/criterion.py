@@ -203,10 +203,9 @@ class POSCriterion(nn.Module):
             coords = point_coords[li] if point_coords is not None else {}
             given = coords.get("matcher")
             if given is None:
-                matcher += [
-                    torch.rand(1, self.num_points, 2, device=device, generator=generator)
-                    for _ in range(batch)
-                ]
+                # One draw for the layer's B point sets: on the CPU the generator is serial, so this is the
+                # reference's B draws of [1, P, 2] (image 0 first) concatenated, bit for bit.
+                matcher.append(torch.rand(batch, self.num_points, 2, device=device, generator=generator))
             else:
                 matcher.append(given.to(device=device, dtype=torch.float32))
             if coords.get("loss") is not None:

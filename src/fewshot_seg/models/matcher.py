@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import numpy as np
 import torch
@@ -14,6 +15,32 @@ from fewshot_seg.episode import host_to_device
 from fewshot_seg.models.point_sampling import point_sample
 
 MatMul = Callable[[Tensor, Tensor], Tensor]
+
+
+class MatchedPairs(Sequence[tuple[Tensor, Tensor]]):
+    """One layer's assignments ``(pred_idx, tgt_idx)`` per image as int64 CPU tensors, made when read.
+
+    The step itself uses the flat pairs; these are diagnostics (tests, debugging), and a tensor made from
+    an array is one operation dispatched each, 160 per paper-size step if made eagerly.
+    """
+
+    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self._pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[Tensor, Tensor]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        rows, cols = self._pairs[i]
+        return torch.from_numpy(rows), torch.from_numpy(cols)
 
 
 def per_matrix_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -210,7 +237,8 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             ``(indices, flat, synced)``: ``indices[l][b] = (pred_idx ascending, tgt_idx)`` int64 CPU
-            tensors; ``flat`` ``[2, L*n]`` the pairs as row indices into ``preds.flatten(0, 2)`` and
+            tensors (made when read: :class:`MatchedPairs`);
+            ``flat`` ``[2, L*n]`` the pairs as row indices into ``preds.flatten(0, 2)`` and
             ``targets.flatten(0, 1)`` (layer-major, then image, then prediction index); ``synced`` is
             ``sync_with`` on the host (float32, flattened) or None.
         """
@@ -229,13 +257,10 @@ class HungarianMatcher(nn.Module):
             layer = []
             for b in range(batch):
                 rows, cols = linear_sum_assignment(costs[li, b, :, : counts[b]])
-                # from_numpy: a host tensor sharing the array, nothing dispatched.
-                layer.append(
-                    (torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64)))
-                )
+                layer.append((rows.astype(np.int64), cols.astype(np.int64)))
                 src_rows.append((li * batch + b) * queries + rows)
                 tgt_rows.append(b * width + cols)
-            indices.append(layer)
+            indices.append(MatchedPairs(layer))
         flat = torch.from_numpy(
             np.stack([np.concatenate(src_rows), np.concatenate(tgt_rows)]).astype(np.int64)
         )

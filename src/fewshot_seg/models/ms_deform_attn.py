@@ -25,6 +25,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -176,7 +177,7 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
 
 
 def _level_layout(shapes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
-    """Start of every level in the flattened values and in the padded gather table, and the table length."""
+    """Start of every level in the flattened values and in the padded frame, and the frame's length."""
     starts, padded_starts = [], []
     s = sp = 0
     for h, w in shapes:
@@ -187,11 +188,90 @@ def _level_layout(shapes: list[tuple[int, int]]) -> tuple[list[int], list[int], 
     return starts, padded_starts, sp
 
 
+@dataclass(frozen=True)
+class _GatherPlan:
+    """Index constants of one (levels, N, Lq, M, P, dtype, device), made once (:func:`_gather_plan`).
+
+    The neighbours are located in a padded frame: every level of every (n, m) surrounded by a ``_PAD``-pixel
+    zero border, frame position ``(n*M + m) * Sp + start'_l + (y + PAD) * (W + 2 PAD) + x + PAD``. The
+    values are not copied into that frame: ``frame_to_row`` maps a frame position to its row of the value
+    rows ``[N*S*M + 1, D]`` (``value.view(-1, D)`` plus one zero row, the row of every border position).
+    Per-point tensors are ``[2, LP]`` (row 0 x / width, row 1 y / height).
+    """
+
+    frame_to_row: Tensor  # [N*M*Sp] index dtype
+    size: Tensor  # [2, LP] float (W_l, H_l)
+    shift: Tensor  # [2, LP] float: PAD - 0.5
+    corner_max: Tensor  # [2, LP] index dtype: (W_l + PAD, H_l + PAD)
+    frame_width: Tensor  # [LP] index dtype: W_l + 2 PAD
+    frame_start: Tensor  # [N, 1, M, LP] index dtype: (n*M + m) * Sp + start'_l
+    neighbours: Tensor  # [4, LP] index dtype: offsets of (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)
+    csr_rows: Tensor  # [N*Lq*M + 1] index dtype: 4*L*P entries per bag
+    csr_zeros: Tensor  # [N*Lq*M * 4*L*P] float
+
+
+_PLANS: dict[tuple, _GatherPlan] = {}
+
+
+def _gather_plan(
+    shapes: list[tuple[int, int]],
+    n: int,
+    lq: int,
+    m: int,
+    num_points: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _GatherPlan:
+    """The :class:`_GatherPlan` of these sizes, cached: an encoder runs every layer at the same sizes, and
+    made per call its constants are a third of the layer's operations."""
+    key = (tuple(shapes), n, lq, m, num_points, dtype, device, torch.is_inference_mode_enabled())
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    starts, padded_starts, sp = _level_layout(shapes)
+    s = starts[-1] + shapes[-1][0] * shapes[-1][1]
+    rows = n * s * m + 1
+    idx = torch.int32 if max(rows, n * m * sp) < 2**31 else torch.int64
+    # Frame position -> value row; border positions -> the zero row (rows - 1).
+    frame = torch.full((n, m, sp), rows - 1, dtype=torch.int64)
+    nm_rows = torch.arange(n).view(n, 1, 1) * s * m + torch.arange(m).view(1, m, 1)  # row of pixel 0
+    for (h, w), s0, sp0 in zip(shapes, starts, padded_starts):
+        hp, wp = h + 2 * _PAD, w + 2 * _PAD
+        pixels = (s0 + torch.arange(h * w)).view(1, 1, h, w) * m
+        frame[:, :, sp0 : sp0 + hp * wp].view(n, m, hp, wp)[:, :, _PAD : _PAD + h, _PAD : _PAD + w] = (
+            pixels + nm_rows.view(n, m, 1, 1)
+        )
+    per_point = [
+        (w, h, w + 2 * _PAD, sp0) for (h, w), sp0 in zip(shapes, padded_starts) for _ in range(num_points)
+    ]
+    consts = torch.tensor(per_point, dtype=torch.int64).t()  # [4, LP]
+    lp = len(per_point)
+    wpad = consts[2]
+    bags = n * lq * m
+    plan = _GatherPlan(
+        frame_to_row=frame.flatten().to(device=device, dtype=idx),
+        size=consts[:2].to(device=device, dtype=dtype),
+        shift=torch.full((2, lp), _PAD - 0.5, dtype=dtype, device=device),
+        corner_max=(consts[:2] + _PAD).to(device=device, dtype=idx),
+        frame_width=wpad.to(device=device, dtype=idx),
+        frame_start=(torch.arange(n * m).view(n, 1, m, 1) * sp + consts[3]).to(device=device, dtype=idx),
+        neighbours=torch.stack([torch.zeros_like(wpad), torch.ones_like(wpad), wpad, wpad + 1]).to(
+            device=device, dtype=idx
+        ),
+        csr_rows=torch.arange(0, bags * 4 * lp + 1, 4 * lp, dtype=idx, device=device),
+        csr_zeros=torch.zeros(bags * 4 * lp, dtype=dtype, device=device),
+    )
+    _PLANS[key] = plan
+    return plan
+
+
 class _GatherCore(torch.autograd.Function):
     """Bilinear multi-scale sampling as one weighted ``embedding_bag`` (:func:`ms_deform_attn_core_gather`).
 
     Notation: B = N*Lq*M bags (one per query and head, in output order), LP = L*P points per bag,
-    K = 4*LP neighbours per bag ordered (neighbour, point), R = N*M*Sp rows of the padded table.
+    K = 4*LP neighbours per bag ordered (neighbour, point), R = N*S*M + 1 value rows (the last is zero).
     Per-point tensors are kept planar (``[B, 2, LP]`` rather than ``[B, LP, 2]``): elementwise ops that
     broadcast over a last dim of 2 run ~10x slower on CPU than over a last dim of LP.
     """
@@ -207,51 +287,28 @@ class _GatherCore(torch.autograd.Function):
         n, s, m, d = value.shape
         _, lq, _, num_levels, num_points, _ = sampling_locations.shape
         device, dtype = value.device, value.dtype
-        starts, padded_starts, sp = _level_layout(shapes)
-        rows = n * m * sp
-        index_dtype = torch.int32 if rows < 2**31 else torch.int64
+        plan = _gather_plan(shapes, n, lq, m, num_points, dtype, device)
+        index_dtype = plan.frame_to_row.dtype
         bags, lp = n * lq * m, num_levels * num_points
 
-        # Table [N, M, Sp, D]: row (n, m, start'_l + (y + PAD) * (W + 2 PAD) + x + PAD) holds
-        # value[n, start_l + y*W + x, m]; a D-row per pixel, so a neighbour is one contiguous read.
-        table = value.new_zeros(n, m, sp, d)
-        for (h, w), s0, sp0 in zip(shapes, starts, padded_starts):
-            hp, wp = h + 2 * _PAD, w + 2 * _PAD
-            dst = table[:, :, sp0 : sp0 + hp * wp].view(n, m, hp, wp, d)[
-                :, :, _PAD : _PAD + h, _PAD : _PAD + w
-            ]
-            dst.copy_(value[:, s0 : s0 + h * w].view(n, h, w, m, d).permute(0, 3, 1, 2, 4))
-        table = table.view(rows, d)
+        # Rows [R, D]: value[n, pixel, m] is row (n*S + pixel)*M + m, a D-row per pixel and head (one
+        # contiguous read per neighbour); the appended zero row is what every border neighbour reads.
+        rows = F.pad(value.reshape(n * s * m, d), (0, 0, 0, 1))
 
-        # Per-point constants [2, LP]: row 0 for x (width), row 1 for y (height).
-        per_level = tuple((w, h, w + 2 * _PAD, sp0) for (h, w), sp0 in zip(shapes, padded_starts))
-        consts = _constant(
-            tuple(row for row in per_level for _ in range(num_points)), torch.int64, device
-        ).t()
-        size = consts[:2].to(dtype)  # (W_l, H_l)
         # Pixel coordinate in the padded frame: x*W - 0.5 (align_corners=False) + PAD.
         pix = torch.empty(bags, 2, lp, dtype=dtype, device=device)
-        torch.addcmul(
-            torch.full_like(size, _PAD - 0.5),
-            sampling_locations.view(bags, lp, 2).transpose(1, 2),
-            size,
-            out=pix,
-        )
+        torch.addcmul(plan.shift, sampling_locations.view(bags, lp, 2).transpose(1, 2), plan.size, out=pix)
         # Top-left neighbour, clamped to [0, W + PAD]: a clamped point then has both neighbours of that axis
         # in the zero border (see _PAD). Truncation differs from floor only below 0, where it is clamped
         # anyway, and clamping the integers (not the floats) also maps NaN/inf locations into the border.
         corner = pix.to(index_dtype).clamp_(min=0)
-        corner = torch.minimum(corner, (consts[:2] + _PAD).to(index_dtype), out=corner)
+        corner = torch.minimum(corner, plan.corner_max, out=corner)
         frac = torch.frac(pix)  # [B, 2, LP]; used only where the neighbours are not all border zeros
 
-        wpad, level_start = consts[2].to(index_dtype), consts[3].to(index_dtype)
-        top_left = torch.addcmul(corner[:, 0], corner[:, 1], wpad)  # x + y*W' within the level, [B, LP]
-        # + level start + (n, m) block start: a tiny [N, 1, M, LP] tensor broadcast over the queries.
-        block = torch.arange(n * m, dtype=index_dtype, device=device).view(n, 1, m, 1) * sp
-        top_left.view(n, lq, m, lp).add_(block + level_start)
-        # Neighbours (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1) at offsets 0, 1, W', W'+1.
-        offsets = torch.stack([torch.zeros_like(wpad), torch.ones_like(wpad), wpad, wpad + 1])  # [4, LP]
-        index = (top_left.unsqueeze(1) + offsets).view(bags, 4 * lp)
+        top_left = torch.addcmul(corner[:, 0], corner[:, 1], plan.frame_width)  # x + y*W' in the level
+        top_left.view(n, lq, m, lp).add_(plan.frame_start)  # + level and (n, m) block starts
+        frame_index = (top_left.unsqueeze(1) + plan.neighbours).view(-1)  # [B*4*LP], (neighbour, point)
+        index = plan.frame_to_row.index_select(0, frame_index).view(bags, 4 * lp)
 
         attn = attention_weights.reshape(bags, lp)
         # Linear weights [B, 2 (x, y), 2 (neighbour 0, 1), LP] = (1 - f, f) in one op.
@@ -261,10 +318,10 @@ class _GatherCore(torch.autograd.Function):
         attn_y = axis_weights[:, 1] * attn.unsqueeze(1)  # [B, 2 (dy), LP]
         weights = (attn_y.unsqueeze(2) * axis_weights[:, 0].unsqueeze(1)).view(bags, 4 * lp)
 
-        out = F.embedding_bag(index, table, mode="sum", per_sample_weights=weights)  # [B, D]
-        ctx.save_for_backward(table, index, weights, frac, attn, size)
+        out = F.embedding_bag(index, rows, mode="sum", per_sample_weights=weights)  # [B, D]
+        ctx.save_for_backward(rows, index, weights, frac, attn)
+        ctx.plan = plan
         ctx.dims = (n, s, m, d, lq, num_levels, num_points)
-        ctx.shapes = shapes
         return out.view(n, lq, m * d)
 
     @staticmethod
@@ -274,21 +331,22 @@ class _GatherCore(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        table, index, weights, frac, attn, size = ctx.saved_tensors
+        rows, index, weights, frac, attn = ctx.saved_tensors
+        plan: _GatherPlan = ctx.plan
         n, s, m, d, lq, num_levels, num_points = ctx.dims
         bags, lp = attn.shape
-        grad = grad_out.reshape(bags, d).to(table.dtype).contiguous()
+        grad = grad_out.reshape(bags, d).to(rows.dtype).contiguous()
         grad_value = grad_loc = grad_attn = None
 
         if ctx.needs_input_grad[0]:
-            grad_value = _scatter_rows(grad, index, weights, table.shape[0])
-            grad_value = _unpad_values(grad_value, ctx.shapes, n, s, m, d)
+            # Every row but the zero row, which is not a value.
+            grad_value = _scatter_rows(grad, index, weights, rows.shape[0])[:-1].view(n, s, m, d)
 
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # g[b, k] = <grad[b], table[index[b, k]]> for every neighbour: an SDDMM on the bag x row pattern
+            # g[b, k] = <grad[b], rows[index[b, k]]> for every neighbour: an SDDMM on the bag x row pattern
             # (one fused gather-dot, ~6x faster than embedding_bag's per-sample-weight backward).
-            pattern = _csr_pattern(index, table.shape[0], table.dtype)
-            g = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values().view(bags, 4, lp)
+            pattern = _csr_pattern(plan, index, rows.shape[0])
+            g = torch.sparse.sampled_addmm(pattern, grad, rows.t(), beta=0.0).values().view(bags, 4, lp)
             g00, g01, g10, g11 = g.unbind(1)
             fx, fy = frac.unbind(1)
             # The bilinear form of the four neighbour gradients: its x and y slopes and its value at (fx, fy).
@@ -305,22 +363,20 @@ class _GatherCore(torch.autograd.Function):
                 grad_loc = torch.empty(bags, lp, 2, dtype=grad.dtype, device=grad.device)
                 torch.mul(slope_x, attn, out=grad_loc[..., 0])
                 torch.mul(slope_y, attn, out=grad_loc[..., 1])
-                grad_loc = grad_loc.mul_(size.t()).view(n, lq, m, num_levels, num_points, 2)
+                grad_loc = grad_loc.mul_(plan.size.t()).view(n, lq, m, num_levels, num_points, 2)
         return grad_value, grad_loc, grad_attn, None
 
 
-def _csr_pattern(index: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+def _csr_pattern(plan: _GatherPlan, index: Tensor, rows: int) -> Tensor:
     """``[B, K]`` neighbour indices as a ``[B, rows]`` CSR pattern (K entries per bag, zero values)."""
-    bags, k = index.shape
-    crow = torch.arange(0, bags * k + 1, k, dtype=index.dtype, device=index.device)
     with warnings.catch_warnings():
         # Sparse CSR is "beta" in torch; the only op used on it (sampled_addmm) is tested here.
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
         return torch.sparse_csr_tensor(
-            crow,
-            index.flatten(),
-            torch.zeros(bags * k, dtype=dtype, device=index.device),
-            size=(bags, rows),
+            plan.csr_rows,
+            index.view(-1),
+            plan.csr_zeros,
+            size=(index.shape[0], rows),
             check_invariants=False,
         )
 
@@ -333,7 +389,7 @@ def _scatter_rows(grad: Tensor, index: Tensor, weights: Tensor, rows: int) -> Te
     embedding_bag's own backward does the same sort but then accumulates row by row, ~2x slower.
     """
     k = index.shape[1]
-    flat = index.flatten()
+    flat = index.view(-1)
     order = flat.sort().indices
     counts = torch.bincount(flat, minlength=rows)
     offsets = torch.cumsum(counts, 0).sub_(counts)  # exclusive prefix sum: first entry of every row
@@ -341,22 +397,6 @@ def _scatter_rows(grad: Tensor, index: Tensor, weights: Tensor, rows: int) -> Te
     return F.embedding_bag(
         bag, grad, offsets, mode="sum", per_sample_weights=weights.view(-1).index_select(0, order)
     )
-
-
-def _unpad_values(
-    grad_table: Tensor, shapes: list[tuple[int, int]], n: int, s: int, m: int, d: int
-) -> Tensor:
-    """Gradient of the padded ``[R, D]`` table back to the ``[N, S, M, D]`` value layout."""
-    starts, padded_starts, sp = _level_layout(shapes)
-    grad_table = grad_table.view(n, m, sp, d)
-    grad_value = grad_table.new_empty(n, s, m, d)
-    for (h, w), s0, sp0 in zip(shapes, starts, padded_starts):
-        hp, wp = h + 2 * _PAD, w + 2 * _PAD
-        src = grad_table[:, :, sp0 : sp0 + hp * wp].view(n, m, hp, wp, d)[
-            :, :, _PAD : _PAD + h, _PAD : _PAD + w
-        ]
-        grad_value[:, s0 : s0 + h * w].view(n, h, w, m, d).copy_(src.permute(0, 2, 3, 1, 4))
-    return grad_value
 
 
 def ms_deform_attn_core_gather(
@@ -367,12 +407,12 @@ def ms_deform_attn_core_gather(
 ) -> Tensor:
     """Gather formulation (the CPU path): all levels, heads and points in one weighted ``embedding_bag``.
 
-    The values of all levels form one table of D-rows, each level zero-padded by two pixels; every
-    (query, head) is one bag of its L*P*4 bilinear neighbours with per-sample weight bilinear weight x
-    attention weight. Nothing of size ``[.., L*P*4, D]`` is materialised. Backward: values by the transposed
-    bag sum (a sort of the indices), locations and attention weights from the neighbour dot products of an
-    SDDMM (``torch.sparse.sampled_addmm``). Same arguments and result as :func:`ms_deform_attn_core`;
-    float32 or float64. Not twice differentiable.
+    The values of all levels and heads are one table of D-rows (plus a zero row that every neighbour
+    outside its level reads); every (query, head) is one bag of its L*P*4 bilinear neighbours with
+    per-sample weight bilinear weight x attention weight. Nothing of size ``[.., L*P*4, D]`` is
+    materialised. Backward: values by the transposed bag sum (a sort of the indices), locations and
+    attention weights from the neighbour dot products of an SDDMM (``torch.sparse.sampled_addmm``). Same
+    arguments and result as :func:`ms_deform_attn_core`; float32 or float64. Not twice differentiable.
     """
     shapes = _shapes_as_list(spatial_shapes)
     if sum(h * w for h, w in shapes) != value.shape[1]:
@@ -497,9 +537,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # Offsets are in pixels of each level: normalise by (W_l, H_l) to match the (x, y) layout.
-        normalizer = _constant(tuple((w, h) for h, w in shapes), query.dtype, query.device)
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        )
+        normalizer = _constant(tuple(((w, h),) for h, w in shapes), query.dtype, query.device)  # [L, 1, 2]
+        locations = reference_points.reshape(n, lq, 1, self.n_levels, 1, 2) + offsets / normalizer
         out = ms_deform_attn_core(value, shapes, locations, weights, impl=self.impl)
         return self.output_proj(out)

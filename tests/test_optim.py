@@ -125,3 +125,67 @@ def test_backbone_weights_null_from_the_command_line_is_none() -> None:
     # jsonargparse passes `--model.init_args.backbone.weights=null` as the string "None".
     assert BackboneConfig(weights="None").weights is None and BackboneConfig(weights="null").weights is None
     assert BackboneConfig(weights="imagenet").weights == "imagenet"
+
+
+def _adamw_run(opt_class: type, start: list[torch.Tensor], steps: int, reload_at: int | None = None) -> list:
+    """Params after ``steps`` steps of two groups (decay, no decay) with a poly schedule; the third
+    parameter has no gradient at step 1 (its counter falls behind); optionally the optimiser is rebuilt
+    from its state dict at ``reload_at``."""
+    params = [p.clone().requires_grad_() for p in start]
+
+    def build() -> torch.optim.Optimizer:
+        groups = [
+            {"params": params[:2], "weight_decay": 0.05},
+            {"params": params[2:], "weight_decay": 0.0, "lr": 3e-4},
+        ]
+        return opt_class(groups, lr=1e-3, foreach=True)
+
+    opt = build()
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=10, power=0.9)
+    grads = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        if reload_at == i:
+            state = opt.state_dict()
+            opt = build()
+            opt.load_state_dict(state)
+            sched.optimizer = opt
+        for j, p in enumerate(params):
+            p.grad = None if (i == 1 and j == 2) else torch.randn(p.shape, generator=grads)
+        opt.step()
+        sched.step()
+    return [*params, opt.state_dict()]
+
+
+def test_adamw_reads_no_counter_per_step_and_keeps_torchs_bits() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fewshot_seg.lightning.optim import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in ((16, 8), (8,), (3, 3, 4), (5,))]
+    for reload_at in (None, 3):
+        ref = _adamw_run(torch.optim.AdamW, start, 6, reload_at)
+        ours = _adamw_run(AdamW, start, 6, reload_at)
+        assert all(torch.equal(a, b) for a, b in zip(ref[:-1], ours[:-1])), reload_at
+        for k, state in ref[-1]["state"].items():  # the same state, counters included
+            assert all(torch.equal(v, ours[-1]["state"][k][n]) for n, v in state.items())
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Reads.count += func.__name__.startswith("_local_scalar_dense")
+            return func(*args, **(kwargs or {}))
+
+    params = [p.clone().requires_grad_() for p in start]
+    opt = AdamW(params, lr=1e-3, foreach=True)
+    counts = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        Reads.count = 0
+        with Reads():
+            opt.step()
+        counts.append(Reads.count)
+    # The first step reads each new counter once; later steps read none (torch's reads 2 per parameter).
+    assert counts == [len(params), 0, 0]

@@ -8,7 +8,9 @@ Gradient clipping (global norm 0.01) is a Trainer setting (``gradient_clip_val``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,7 +99,7 @@ def build_optimizer(
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     groups = param_groups(model, cfg.lr, cfg.weight_decay, lr_mult=lr_mult)
-    optimizer = torch.optim.AdamW(
+    optimizer = AdamW(
         groups,
         lr=cfg.lr,
         betas=betas,
@@ -109,6 +111,118 @@ def build_optimizer(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
     }
+
+
+class _HostValues:
+    """Host copies of scalar tensors' values, by tensor identity (a dict keyed by tensors would compare
+    them with ``==``, an operation and a read each); an entry dies with its tensor."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, tuple[weakref.ref[torch.Tensor], float]] = {}
+
+    def get(self, tensor: torch.Tensor) -> float | None:
+        entry = self._values.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def set(self, tensor: torch.Tensor, value: float) -> None:
+        key = id(tensor)
+        self._values[key] = (weakref.ref(tensor, lambda _: self._values.pop(key, None)), value)
+
+
+class AdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose foreach update on host-side step counters reads no counter.
+
+    torch's foreach AdamW (the CPU path, :func:`adamw_implementation`) reads every parameter's step
+    counter with ``item()`` twice per step for the bias corrections: 580 operations of a paper-size
+    stage-1 step of about 6,000. This class keeps the counters' values on the host as well (read once per
+    counter, when first seen: a new state or a loaded checkpoint) and runs torch's own sequence of
+    foreach operations once per (device, dtype, step value), normally once per group: the same bits as
+    ``torch.optim.AdamW(foreach=True)`` (tests/test_optim.py), the same state and checkpoints. Every other
+    configuration (fused, capturable, amsgrad, maximize, complex, differentiable, per-parameter loop) is
+    torch's own ``step``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._counter_values = _HostValues()
+
+    def _own_update(self, group: dict) -> bool:
+        plain = group["foreach"] and not any(
+            group[k] for k in ("fused", "capturable", "amsgrad", "maximize", "differentiable")
+        )
+        return bool(plain) and not any(
+            isinstance(group[k], torch.Tensor) for k in ("lr", "betas", "weight_decay", "eps")
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if not all(self._own_update(g) for g in self.param_groups):
+            self._counter_values = _HostValues()  # torch's step moves the counters
+            return super().step(closure)
+        self._cuda_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            steps: list[torch.Tensor] = []
+            if self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps):
+                raise ValueError("fewshot_seg's AdamW does not take complex parameters")
+            if params:
+                self._update(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+        return loss
+
+    def _update(
+        self,
+        group: dict,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """torch's ``_multi_tensor_adam`` (decoupled weight decay, host counters), the bias corrections
+        computed once per batch of equal counters."""
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        weight_decay = group["weight_decay"]
+        values = self._counter_values
+        batches: dict[tuple, list[int]] = {}
+        for i, (p, counter) in enumerate(zip(params, steps, strict=True)):
+            if values.get(counter) is None:
+                values.set(counter, counter.item())  # once: a new or loaded counter
+            if counter.device.type != "cpu":
+                raise ValueError("host step counters expected with foreach AdamW")
+            batches.setdefault((p.device, p.dtype, values.get(counter)), []).append(i)
+        for (_, _, before), members in batches.items():
+            b_params = [params[i] for i in members]
+            b_grads = [grads[i] for i in members]
+            b_exp_avgs = [exp_avgs[i] for i in members]
+            b_exp_avg_sqs = [exp_avg_sqs[i] for i in members]
+            b_steps = [steps[i] for i in members]
+            torch._foreach_add_(b_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+            step = before + 1.0
+            for counter in b_steps:
+                values.set(counter, step)
+            if weight_decay != 0:
+                torch._foreach_mul_(b_params, 1 - lr * weight_decay)
+            torch._foreach_lerp_(b_exp_avgs, b_grads, 1 - beta1)
+            torch._foreach_mul_(b_exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(b_exp_avg_sqs, b_grads, b_grads, 1 - beta2)
+            # torch computes these per parameter, in double precision, from the counter's value.
+            step_size = (lr / (1 - beta1**step)) * -1
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            denom = torch._foreach_sqrt(b_exp_avg_sqs)
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(b_params, b_exp_avgs, denom, step_size)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._counter_values = _HostValues()
 
 
 def adamw_implementation(params: Iterable[torch.Tensor]) -> dict[str, bool]:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.models.linear import linear_rows
+
 SpatialShapes = Tensor | Sequence[Sequence[int]]
 
 IMPLEMENTATIONS = ("gather", "grid_sample", "loop")
@@ -529,15 +531,18 @@ class MSDeformAttn(nn.Module):
         s = input_flatten.shape[1]
         if sum(h * w for h, w in shapes) != s:
             raise ValueError("spatial_shapes do not add up to the length of input_flatten")
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        # The projections on [rows, C] views (linear_rows: F.linear's arithmetic, fewer views).
+        value = linear_rows(input_flatten, self.value_proj.weight, self.value_proj.bias)
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None, None], 0.0)
+        offsets = linear_rows(query, self.sampling_offsets.weight, self.sampling_offsets.bias)
+        offsets = offsets.view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = linear_rows(query, self.attention_weights.weight, self.attention_weights.bias)
+        weights = weights.view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         # Offsets are in pixels of each level: normalise by (W_l, H_l) to match the (x, y) layout.
         normalizer = _constant(tuple(((w, h),) for h, w in shapes), query.dtype, query.device)  # [L, 1, 2]
         locations = reference_points.reshape(n, lq, 1, self.n_levels, 1, 2) + offsets / normalizer
         out = ms_deform_attn_core(value, shapes, locations, weights, impl=self.impl)
-        return self.output_proj(out)
+        return linear_rows(out, self.output_proj.weight, self.output_proj.bias).view(n, lq, self.d_model)

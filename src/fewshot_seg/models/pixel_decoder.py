@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_seg.models.linear import linear_rows
 from fewshot_seg.models.ms_deform_attn import MSDeformAttn
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
 
@@ -68,7 +69,8 @@ class MSDeformAttnEncoderLayer(nn.Module):
     ) -> Tensor:
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        hidden = self.dropout2(F.relu(linear_rows(src, self.linear1.weight, self.linear1.bias)))
+        ffn = self.linear2(hidden).view(src.shape)
         return self.norm2(src + self.dropout3(ffn))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,10 +56,10 @@ class PaddedTargets:
         """
         counts = [len(v) for v in values]
         width = max(counts, default=0)
-        table = torch.full((len(values), width), -1, dtype=torch.int64)
+        table = np.full((len(values), width), -1, dtype=np.int64)  # filled on the host: no operations
         for b, v in enumerate(values):
-            table[b, : len(v)] = torch.as_tensor(list(v), dtype=torch.int64)
-        table = host_to_device(table, semantic.device)
+            table[b, : len(v)] = v
+        table = host_to_device(torch.from_numpy(table), semantic.device)
         return cls(semantic[:, None] == table[:, :, None, None], counts)
 
     @classmethod

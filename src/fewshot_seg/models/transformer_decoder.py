@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_seg.models.attention_layers import CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from fewshot_seg.models.linear import linear_rows
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
 
 
@@ -26,11 +27,13 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``[..., input_dim] -> [..., output_dim]``."""
+        lead = x.shape[:-1]
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            x = linear_rows(x, layer.weight, layer.bias)  # [rows, out]: one view in, one out
             if i < len(self.layers) - 1:
                 x = F.relu(x)
-        return x
+        return x.view(*lead, -1)
 
 
 class MaskedTransformerDecoder(nn.Module):
@@ -121,8 +124,6 @@ class MaskedTransformerDecoder(nn.Module):
         predictions.append(pred)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
-            # A query whose mask covers nothing would attend to nothing: let it see the whole level.
-            attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
                 output, srcs[lvl], memory_mask=attn_mask, pos=pos[lvl], query_pos=query_pos
             )
@@ -141,14 +142,16 @@ class MaskedTransformerDecoder(nn.Module):
     def _predict(
         self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Mask logits ``[B, Q, H/4, W/4]`` and the boolean attention mask ``[B*heads, Q, h*w]`` for the
-        next layer (True = not allowed), plus mask embeddings and the normed decoder output."""
+        """Mask logits ``[B, Q, H/4, W/4]`` and the boolean attention mask ``[B, 1, Q, h*w]`` (all heads) for
+        the next layer (True = not allowed), plus mask embeddings and the normed decoder output."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # [B, Q, C]
         mask_embeds = self.mask_embed(decoder_output)
-        pred = torch.einsum("bqc,bchw->bqhw", mask_embeds, mask_features)
+        b, c, h, w = mask_features.shape
+        # The product einsum("bqc,bchw->bqhw") runs, without its permutes and views.
+        pred = torch.bmm(mask_embeds, mask_features.view(b, c, h * w)).view(b, -1, h, w)
         with torch.no_grad():
             small = F.interpolate(pred.detach(), size=attn_size, mode="bilinear", align_corners=False)
-            attn_mask = small.sigmoid().flatten(2) < 0.5  # [B, Q, hw]
-            # Batch-major head repetition, as nn.MultiheadAttention expects for a 3-D mask.
-            attn_mask = attn_mask.repeat_interleave(self.num_heads, dim=0)
+            attn_mask = small.sigmoid().view(b, 1, -1, attn_size[0] * attn_size[1]) < 0.5
+            # A query whose mask covers nothing would attend to nothing: let it see the whole level.
+            attn_mask &= ~attn_mask.all(dim=-1, keepdim=True)
         return pred, attn_mask, mask_embeds, decoder_output

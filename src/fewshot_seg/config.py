@@ -73,7 +73,7 @@ class POSConfig:
         dec_ffn: FFN width of the decoder.
         norm_groups: GroupNorm groups of the pixel decoder (must divide ``dim``).
         deform_attn: the deformable-attention implementation ("gather", "grid_sample", "loop"); None =
-            by device (gather on CPU, grid_sample on GPUs). Same weights, same results up to float
+            gather on every device. Same weights, same results up to float
             rounding: not part of the architecture (a stage-2 model may choose another than stage 1's).
     """
 

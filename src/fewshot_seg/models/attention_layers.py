@@ -29,7 +29,7 @@ def multi_head_attention(
 
     The arithmetic of ``F.multi_head_attention_forward`` (three in-projections of the packed weight, one
     ``scaled_dot_product_attention``, the output projection) on tensors of the same strides, so the same
-    bits (tests/test_transformer_decoder.py), without its checks, mask conversions and intermediate views:
+    bits (tests/test_host_overhead.py), without its checks, mask conversions and intermediate views:
     about 20 operations per call instead of 30 to 40, forward and backward.
 
     Args:

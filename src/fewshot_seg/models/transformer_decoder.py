@@ -146,9 +146,9 @@ class MaskedTransformerDecoder(nn.Module):
         the next layer (True = not allowed), plus mask embeddings and the normed decoder output."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # [B, Q, C]
         mask_embeds = self.mask_embed(decoder_output)
-        b, c, h, w = mask_features.shape
+        b, _, h, w = mask_features.shape
         # The product einsum("bqc,bchw->bqhw") runs, without its permutes and views.
-        pred = torch.bmm(mask_embeds, mask_features.view(b, c, h * w)).view(b, -1, h, w)
+        pred = torch.bmm(mask_embeds, mask_features.flatten(2)).view(b, -1, h, w)
         with torch.no_grad():
             small = F.interpolate(pred.detach(), size=attn_size, mode="bilinear", align_corners=False)
             attn_mask = small.sigmoid().view(b, 1, -1, attn_size[0] * attn_size[1]) < 0.5

@@ -3,6 +3,7 @@
     python benchmarks/host_overhead.py                     # paper size (R-50, 100 queries), batch 8, CPU
     python benchmarks/host_overhead.py --config demo       # the CPU demo model
     python benchmarks/host_overhead.py --device cuda       # also counts blocking host-to-device copies
+    python benchmarks/host_overhead.py --baseline /tmp/base  # before -> after (a checkout of the old code)
 
 A GPU step that does not get faster with bf16 is bound by the host: Python and the dispatcher issue one
 kernel per tensor operation, and every host sync drains the device queue. Both are deterministic counts,
@@ -18,6 +19,9 @@ path (``Segmenter.segment_arrays``, batch 1), each after one warm-up step:
   code and the rest (Lightning). On a CUDA device, blocking host-to-device copies are counted too (on the
   CPU there is no such copy to see).
 
+``--baseline DIR`` counts the same steps with another checkout's package (``DIR/src`` first on the path,
+in a subprocess) and prints before -> after tables: the counts of a change in one command.
+
 The image size does not change the counts (``--size``, default 128 to keep a CPU run short; the phase
 tables of docs/gpu.md were counted at this size). The labels have a fixed number of segments per image
 (``--segments``), so the number of targets is the same in every run.
@@ -27,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +55,9 @@ from model_speed import DEMO, PAPER, ModelConfig
 from fewshot_seg.episode import collate_episodes
 
 REPO = Path(__file__).resolve().parents[1]
+# Where "this project's code" is (host syncs are attributed to it); --project-root moves it (a baseline).
 PROJECT_DIRS = (str(REPO / "src"), str(REPO / "datamodules"))
+TRAIN_PHASES = ["forward", "losses", "backward", "clip + optimiser"]
 
 # Tensor methods that copy a value to the host (a device sync on a GPU).
 _SYNC_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
@@ -263,12 +272,8 @@ def table(title: str, counter: Counter, phases: list[str], top: int = 0) -> list
         "| phase | tensor ops | host syncs (this project) | host syncs (other) |",
         "|---|---:|---:|---:|",
     ]
-    for phase in [*phases, "total"]:
-        keep: Callable[[str], bool] = (lambda p: True) if phase == "total" else (lambda p, ph=phase: p == ph)
-        ops = sum(n for p, n in counter.ops.items() if keep(p))
-        ours = sum(n for (p, what), n in counter.syncs.items() if keep(p) and not what.endswith("@ other"))
-        other = sum(n for (p, what), n in counter.syncs.items() if keep(p) and what.endswith("@ other"))
-        lines.append(f"| {phase} | {ops:,} | {ours} | {other} |")
+    for phase, n in summary(counter, phases).items():
+        lines.append(f"| {phase} | {n['ops']:,} | {n['ours']} | {n['other']} |")
     where = collections.Counter()
     for (_, what), n in counter.syncs.items():
         where[what] += n
@@ -284,6 +289,64 @@ def table(title: str, counter: Counter, phases: list[str], top: int = 0) -> list
     return lines
 
 
+PART_TITLES = {
+    "stage1": "stage-1 training step, batch {batch}",
+    "stage2": "stage-2 training step, batch {half}, 1-shot",
+    "segmenter": "Segmenter query, batch 1, 1-shot",
+}
+
+
+def count_part(
+    part: str, cfg: ModelConfig, size: int, batch: int, segments: int, device: str, precision: str
+) -> Counter:
+    """The counter of one of ``stage1``, ``stage2`` (half the batch, 1-shot) or ``segmenter``."""
+    if part == "segmenter":
+        return count_segmenter_query(cfg, size, device)
+    torch.manual_seed(0)
+    module = cfg.pos_module() if part == "stage1" else cfg.mm_module()
+    module.eval_class_ids = [1]
+    episodes = (
+        episode_batch(batch, 0, size, segments)
+        if part == "stage1"
+        else episode_batch(max(1, batch // 2), 1, size, segments)
+    )
+    return count_training_step(module, episodes, device, precision)
+
+
+def phases_of(part: str) -> list[str]:
+    return ["query"] if part == "segmenter" else TRAIN_PHASES
+
+
+def summary(counter: Counter, phases: list[str]) -> dict[str, dict[str, int]]:
+    """``{phase: {"ops", "ours", "other"}}`` with a ``total`` row (what ``--json`` writes)."""
+    out = {}
+    for phase in [*phases, "total"]:
+        keep: Callable[[str], bool] = (lambda p: True) if phase == "total" else (lambda p, ph=phase: p == ph)
+        out[phase] = {
+            "ops": sum(n for p, n in counter.ops.items() if keep(p)),
+            "ours": sum(n for (p, w), n in counter.syncs.items() if keep(p) and not w.endswith("@ other")),
+            "other": sum(n for (p, w), n in counter.syncs.items() if keep(p) and w.endswith("@ other")),
+        }
+    return out
+
+
+def compare_table(
+    title: str, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> list[str]:
+    """Before -> after of two :func:`summary` results (syncs: this project's + others')."""
+    lines = [
+        f"{title}",
+        "",
+        "| phase | tensor ops before | after | host syncs before | after |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for phase, a in after.items():
+        b = before.get(phase, {"ops": 0, "ours": 0, "other": 0})
+        syncs_b, syncs_a = b["ours"] + b["other"], a["ours"] + a["other"]
+        lines.append(f"| {phase} | {b['ops']:,} | {a['ops']:,} | {syncs_b} | {syncs_a} |")
+    return lines
+
+
 def report(
     cfg: ModelConfig,
     size: int = 128,
@@ -295,25 +358,26 @@ def report(
     top: int = 0,
 ) -> list[str]:
     """The phase tables of ``parts`` (stage-2 batches are half of ``batch``), as markdown lines."""
-    train_phases = ["forward", "losses", "backward", "clip + optimiser"]
     lines = [f"host overhead: {cfg.name}, {size} px, device {device}, precision {precision}", ""]
-    if "stage1" in parts:
-        torch.manual_seed(0)
-        module = cfg.pos_module()
-        module.eval_class_ids = [1]
-        counter = count_training_step(module, episode_batch(batch, 0, size, segments), device, precision)
-        lines += [*table(f"stage-1 training step, batch {batch}", counter, train_phases, top), ""]
-    if "stage2" in parts:
-        torch.manual_seed(0)
-        module = cfg.mm_module()
-        module.eval_class_ids = [1]
-        half = max(1, batch // 2)
-        counter = count_training_step(module, episode_batch(half, 1, size, segments), device, precision)
-        lines += [*table(f"stage-2 training step, batch {half}, 1-shot", counter, train_phases, top), ""]
-    if "segmenter" in parts:
-        counter = count_segmenter_query(cfg, size, device)
-        lines += [*table("Segmenter query, batch 1, 1-shot", counter, ["query"], top), ""]
+    for part in parts:
+        counter = count_part(part, cfg, size, batch, segments, device, precision)
+        title = PART_TITLES[part].format(batch=batch, half=max(1, batch // 2))
+        lines += [*table(title, counter, phases_of(part), top), ""]
     return lines
+
+
+def _baseline_summaries(baseline: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Counts of ``args.parts`` with the package of the checkout ``baseline`` (a subprocess)."""
+    if not (baseline / "src" / "fewshot_seg").is_dir():
+        raise SystemExit(f"--baseline {baseline}: no src/fewshot_seg there (a checkout of this project?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "counts.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline / "src"), str(baseline)])}
+        cmd = [sys.executable, __file__, "--json", str(out), "--project-root", str(baseline)]
+        for flag in ("config", "size", "batch", "segments", "device", "precision", "parts"):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,13 +396,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--parts", default="stage1,stage2,segmenter", help="comma-separated subset of stage1,stage2,segmenter"
     )
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="a checkout of the code before a change: before -> after"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts here (JSON)")
+    parser.add_argument("--project-root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.project_root is not None:
+        global PROJECT_DIRS
+        PROJECT_DIRS = (str(args.project_root / "src"), str(args.project_root / "datamodules"))
     cfg = PAPER if args.config == "paper" else DEMO
-    for part in args.parts.split(","):  # printed part by part: a long run shows what it has
-        lines = report(
-            cfg, args.size, args.batch, args.segments, args.device, args.precision, (part,), args.top
-        )
-        print("\n".join(lines), flush=True)
+    parts = args.parts.split(",")
+    before = _baseline_summaries(args.baseline, args) if args.baseline is not None else None
+    counts: dict[str, dict] = {}
+    print(f"host overhead: {cfg.name}, {args.size} px, device {args.device}, precision {args.precision}\n")
+    for part in parts:  # printed part by part: a long run shows what it has
+        counter = count_part(part, cfg, args.size, args.batch, args.segments, args.device, args.precision)
+        counts[part] = summary(counter, phases_of(part))
+        title = PART_TITLES[part].format(batch=args.batch, half=max(1, args.batch // 2))
+        if before is not None:
+            lines = compare_table(f"{title} (before: {args.baseline})", before[part], counts[part])
+        else:
+            lines = table(title, counter, phases_of(part), args.top)
+        print("\n".join([*lines, ""]), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(counts, indent=1))
 
 
 if __name__ == "__main__":

@@ -289,3 +289,23 @@ def test_paper_stage1_step_dispatches_at_most_5000_operations() -> None:
     counter = count_training_step(module, episode_batch(8, 0, 64, 4), "cpu", "32-true")
     assert sum(counter.ops.values()) <= 5000, dict(counter.ops)
     assert sum(counter.syncs.values()) <= 2, dict(counter.syncs)
+
+
+def test_counter_prints_before_and_after_against_a_baseline_checkout(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``--baseline DIR`` counts with that checkout's package in a subprocess; this checkout as its own
+    baseline gives equal columns (deterministic counts), and ``--json`` writes what the table shows."""
+    import json
+
+    import host_overhead
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "counts.json"
+    args = ["--config", "demo", "--size", "64", "--parts", "segmenter", "--baseline", str(repo)]
+    host_overhead.main([*args, "--json", str(out)])
+    counts = json.loads(out.read_text())["segmenter"]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| total"))
+    ops = f"{counts['total']['ops']:,}"
+    syncs = counts["total"]["ours"] + counts["total"]["other"]
+    assert row == f"| total | {ops} | {ops} | {syncs} | {syncs} |"
+    with pytest.raises(SystemExit, match="no src/fewshot_seg"):
+        host_overhead.main(["--parts", "segmenter", "--baseline", str(tmp_path)])

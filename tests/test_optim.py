@@ -189,3 +189,21 @@ def test_adamw_reads_no_counter_per_step_and_keeps_torchs_bits() -> None:
         counts.append(Reads.count)
     # The first step reads each new counter once; later steps read none (torch's reads 2 per parameter).
     assert counts == [len(params), 0, 0]
+
+
+def test_adamw_leaves_other_configurations_to_torch() -> None:
+    from fewshot_seg.lightning.optim import AdamW
+
+    for make, kwargs in (
+        (lambda: torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(0)), {}),
+        (lambda: torch.randn(4, generator=torch.Generator().manual_seed(0)), {"amsgrad": True}),
+    ):
+        results = []
+        for cls in (torch.optim.AdamW, AdamW):
+            p = make().requires_grad_()
+            opt = cls([p], lr=1e-2, foreach=True, **kwargs)
+            for _ in range(3):
+                p.grad = torch.ones_like(p)
+                opt.step()
+            results.append(p.detach())
+        assert torch.equal(*results), kwargs

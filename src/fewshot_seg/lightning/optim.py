@@ -150,8 +150,10 @@ class AdamW(torch.optim.AdamW):
         plain = group["foreach"] and not any(
             group[k] for k in ("fused", "capturable", "amsgrad", "maximize", "differentiable")
         )
-        return bool(plain) and not any(
-            isinstance(group[k], torch.Tensor) for k in ("lr", "betas", "weight_decay", "eps")
+        return (
+            bool(plain)
+            and not any(isinstance(group[k], torch.Tensor) for k in ("lr", "betas", "weight_decay", "eps"))
+            and not any(p.is_complex() for p in group["params"])
         )
 
     @torch.no_grad()
@@ -170,8 +172,7 @@ class AdamW(torch.optim.AdamW):
             exp_avgs: list[torch.Tensor] = []
             exp_avg_sqs: list[torch.Tensor] = []
             steps: list[torch.Tensor] = []
-            if self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps):
-                raise ValueError("fewshot_seg's AdamW does not take complex parameters")
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
             if params:
                 self._update(group, params, grads, exp_avgs, exp_avg_sqs, steps)
         return loss

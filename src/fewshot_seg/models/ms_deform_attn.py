@@ -212,7 +212,6 @@ class _GatherPlan:
     frame_start: Tensor  # [N, 1, M, LP] index dtype: (n*M + m) * Sp + start'_l
     neighbours: Tensor  # [4, LP] index dtype: offsets of (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)
     csr_rows: Tensor  # [N*Lq*M + 1] index dtype: 4*L*P entries per bag
-    csr_zeros: Tensor  # [N*Lq*M * 4*L*P] float
 
 
 _PLANS: dict[tuple, _GatherPlan] = {}
@@ -233,7 +232,7 @@ def _gather_plan(
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    if len(_PLANS) >= 64:
+    if len(_PLANS) >= 16:  # a few MB each at the paper's sizes
         _PLANS.clear()
     starts, padded_starts, sp = _level_layout(shapes)
     s = starts[-1] + shapes[-1][0] * shapes[-1][1]
@@ -266,7 +265,6 @@ def _gather_plan(
             device=device, dtype=idx
         ),
         csr_rows=torch.arange(0, bags * 4 * lp + 1, 4 * lp, dtype=idx, device=device),
-        csr_zeros=torch.zeros(bags * 4 * lp, dtype=dtype, device=device),
     )
     _PLANS[key] = plan
     return plan
@@ -350,7 +348,7 @@ class _GatherCore(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # g[b, k] = <grad[b], rows[index[b, k]]> for every neighbour: an SDDMM on the bag x row pattern
             # (one fused gather-dot, ~6x faster than embedding_bag's per-sample-weight backward).
-            pattern = _csr_pattern(plan, index, rows.shape[0])
+            pattern = _csr_pattern(plan.csr_rows, index, rows.shape[0], rows.dtype)
             g = torch.sparse.sampled_addmm(pattern, grad, rows.t(), beta=0.0).values().view(bags, 4, lp)
             g00, g01, g10, g11 = g.unbind(1)
             fx, fy = frac.unbind(1)
@@ -372,15 +370,16 @@ class _GatherCore(torch.autograd.Function):
         return grad_value, grad_loc, grad_attn, None
 
 
-def _csr_pattern(plan: _GatherPlan, index: Tensor, rows: int) -> Tensor:
-    """``[B, K]`` neighbour indices as a ``[B, rows]`` CSR pattern (K entries per bag, zero values)."""
+def _csr_pattern(crow: Tensor, index: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """``[B, K]`` neighbour indices as a ``[B, rows]`` CSR pattern (K entries per bag, zero values; ``crow``
+    the ``[B + 1]`` row starts). The values are made per call: B*K floats, too many to keep."""
     with warnings.catch_warnings():
         # Sparse CSR is "beta" in torch; the only op used on it (sampled_addmm) is tested here.
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
         return torch.sparse_csr_tensor(
-            plan.csr_rows,
+            crow,
             index.view(-1),
-            plan.csr_zeros,
+            torch.zeros(index.numel(), dtype=dtype, device=index.device),
             size=(index.shape[0], rows),
             check_invariants=False,
         )

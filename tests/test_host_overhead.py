@@ -309,3 +309,17 @@ def test_counter_prints_before_and_after_against_a_baseline_checkout(tmp_path: P
     assert row == f"| total | {ops} | {ops} | {syncs} | {syncs} |"
     with pytest.raises(SystemExit, match="no src/fewshot_seg"):
         host_overhead.main(["--parts", "segmenter", "--baseline", str(tmp_path)])
+
+
+def test_size_cache_makes_once_stays_bounded_and_keys_inference_mode() -> None:
+    from fewshot_seg.models.size_cache import SizeCache
+
+    made: list[int] = []
+    cache: SizeCache[int] = SizeCache(2)
+    assert [cache.get(k, lambda k=k: made.append(k) or k) for k in (1, 1, 2, 1)] == [1, 1, 2, 1]
+    assert made == [1, 2]
+    cache.get(3, lambda: made.append(3) or 3)  # full: emptied first, so 1 is made again
+    cache.get(1, lambda: made.append(1) or 1)
+    assert made == [1, 2, 3, 1]
+    with torch.inference_mode():  # not the tensor made outside inference mode
+        assert cache.get(1, lambda: -1) == -1

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_seg.models.linear import linear_rows
+from fewshot_seg.models.size_cache import SizeCache
 
 SpatialShapes = Tensor | Sequence[Sequence[int]]
 
@@ -166,19 +167,13 @@ def ms_deform_attn_core_grid_sample(
     return out.reshape(n, m * d, lq).transpose(1, 2).contiguous()
 
 
-_CONSTANTS: dict[tuple, Tensor] = {}
+_CONSTANTS: SizeCache[Tensor] = SizeCache(256)
 
 
 def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor made once per (values, dtype, device): a tensor from Python values is a
     blocking host-to-device copy on a GPU, at every layer of every step otherwise. Read only."""
-    key = (values, dtype, device, torch.is_inference_mode_enabled())
-    tensor = _CONSTANTS.get(key)
-    if tensor is None:
-        if len(_CONSTANTS) >= 256:
-            _CONSTANTS.clear()
-        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return tensor
+    return _CONSTANTS.get((values, dtype, device), lambda: torch.tensor(values, dtype=dtype, device=device))
 
 
 def _level_layout(shapes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
@@ -214,7 +209,7 @@ class _GatherPlan:
     csr_rows: Tensor  # [N*Lq*M + 1] index dtype: 4*L*P entries per bag
 
 
-_PLANS: dict[tuple, _GatherPlan] = {}
+_PLANS: SizeCache[_GatherPlan] = SizeCache(16)  # a few MB each at the paper's sizes
 
 
 def _gather_plan(
@@ -228,12 +223,20 @@ def _gather_plan(
 ) -> _GatherPlan:
     """The :class:`_GatherPlan` of these sizes, cached: an encoder runs every layer at the same sizes, and
     made per call its constants are a third of the layer's operations."""
-    key = (tuple(shapes), n, lq, m, num_points, dtype, device, torch.is_inference_mode_enabled())
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    if len(_PLANS) >= 16:  # a few MB each at the paper's sizes
-        _PLANS.clear()
+    key = (tuple(shapes), n, lq, m, num_points, dtype, device)
+    return _PLANS.get(key, lambda: _make_gather_plan(shapes, n, lq, m, num_points, dtype, device))
+
+
+def _make_gather_plan(
+    shapes: list[tuple[int, int]],
+    n: int,
+    lq: int,
+    m: int,
+    num_points: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _GatherPlan:
+    """A new :class:`_GatherPlan` (on the host, then moved to ``device`` once)."""
     starts, padded_starts, sp = _level_layout(shapes)
     s = starts[-1] + shapes[-1][0] * shapes[-1][1]
     rows = n * s * m + 1
@@ -254,7 +257,7 @@ def _gather_plan(
     lp = len(per_point)
     wpad = consts[2]
     bags = n * lq * m
-    plan = _GatherPlan(
+    return _GatherPlan(
         frame_to_row=frame.flatten().to(device=device, dtype=idx),
         size=consts[:2].to(device=device, dtype=dtype),
         shift=torch.full((2, lp), _PAD - 0.5, dtype=dtype, device=device),
@@ -266,8 +269,6 @@ def _gather_plan(
         ),
         csr_rows=torch.arange(0, bags * 4 * lp + 1, 4 * lp, dtype=idx, device=device),
     )
-    _PLANS[key] = plan
-    return plan
 
 
 class _GatherCore(torch.autograd.Function):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fewshot_seg.models.linear import linear_rows
 from fewshot_seg.models.ms_deform_attn import MSDeformAttn
 from fewshot_seg.models.position_encoding import PositionEmbeddingSine
+from fewshot_seg.models.size_cache import SizeCache
 
 RESNET50_CHANNELS: dict[str, int] = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
 
@@ -113,6 +114,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             d_model, dim_feedforward, dropout, n_levels, n_heads, n_points, attn_impl=attn_impl
         )
         self.encoder = MSDeformAttnEncoder(layer, num_layers)
+        self._ref_cache: SizeCache[Tensor] = SizeCache(16)
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self._reset_parameters()
 
@@ -144,13 +146,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         self, spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device
     ) -> Tensor:
         """:meth:`reference_points`, made once per (shapes, batch, device): they depend on nothing else."""
-        cache: dict[tuple, Tensor] = self.__dict__.setdefault("_ref_cache", {})
-        key = (tuple(spatial_shapes), batch, device, torch.is_inference_mode_enabled())
-        if key not in cache:
-            if len(cache) >= 16:
-                cache.clear()
-            cache[key] = self.reference_points(spatial_shapes, batch, device)
-        return cache[key]
+        key = (tuple(spatial_shapes), batch, device)
+        return self._ref_cache.get(key, lambda: self.reference_points(spatial_shapes, batch, device))
 
     def forward(
         self, srcs: Sequence[Tensor], pos_embeds: Sequence[Tensor]

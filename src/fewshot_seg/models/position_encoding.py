@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fewshot_seg.models.size_cache import SizeCache
+
 
 class PositionEmbeddingSine(nn.Module):
     """DETR-style 2-D sine/cosine positional encoding.
@@ -32,7 +34,8 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
-        self._cache: dict[tuple, Tensor] = {}
+        # Input sizes vary (tests, several sizes): a small cache.
+        self._cache: SizeCache[Tensor] = SizeCache(16)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Encode the positions of ``x`` (:meth:`encode`); without a mask the encoding depends on the
@@ -40,14 +43,11 @@ class PositionEmbeddingSine(nn.Module):
         tensor operations saved per call; callers use it out of place)."""
         if mask is not None:
             return self.encode(x, mask)
-        key = (tuple(x.shape[:1] + x.shape[2:]), x.device, torch.is_inference_mode_enabled())
-        pos = self._cache.get(key)
-        if pos is None:
-            if len(self._cache) >= 16:  # input sizes vary (tests, several sizes): keep it small
-                self._cache.clear()
-            with torch.no_grad():
-                pos = self._cache[key] = self.encode(x)
-        return pos
+        return self._cache.get((tuple(x.shape[:1] + x.shape[2:]), x.device), lambda: self._encode_no_grad(x))
+
+    def _encode_no_grad(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.encode(x)
 
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Encode the positions of ``x``.

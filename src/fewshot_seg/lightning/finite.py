@@ -102,13 +102,6 @@ def check_outputs(module: Any, out: Any, where: str = "before the loss") -> None
         raise _outputs_error(module, bad, where)
 
 
-def check_losses(module: Any, losses: Mapping[str, Tensor]) -> None:
-    """Raise NonFiniteError naming the step and the loss terms that are not finite."""
-    bad = non_finite(dict(losses))
-    if bad:
-        raise _losses_error(module, losses, bad)
-
-
 def check_weights(module: nn.Module, step: int, what: str) -> None:
     """Raise NonFiniteError when a floating-point parameter or buffer of ``module`` is not finite."""
     state = {k: v for k, v in module.state_dict().items() if isinstance(v, Tensor)}

@@ -128,14 +128,14 @@ def profile_table(device: torch.device, smoke: bool, repeats: int) -> list[str]:
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from fewshot_seg.lightning.optim import adamw_implementation
+    from fewshot_seg.lightning.optim import AdamW, adamw_implementation
 
     cfg, size, batch = (DEMO, 64, 2) if smoke else (PAPER, 480, 8)
     torch.manual_seed(0)
     module = cfg.pos_module().to(device)
     episodes = host_overhead.episode_batch(batch, 0, size, 4).to(device).normalized()
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_implementation(params))
+    opt = AdamW(params, lr=1e-4, **adamw_implementation(params))  # build_optimizer's class
     rows = ["| precision | phase | wall (ms) | GPU busy (ms) | busy / wall |", "|---|---|---:|---:|---:|"]
     for precision in ("32-true", "bf16-mixed"):
 
